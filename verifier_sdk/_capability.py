@@ -22,7 +22,7 @@ Scalar = str | int | bool
 
 
 def _is_int(value: object) -> bool:
-    return type(value) is int and -MAX_SAFE_INT <= value <= MAX_SAFE_INT  # type: ignore[operator]
+    return type(value) is int and -MAX_SAFE_INT <= value <= MAX_SAFE_INT
 
 
 def parse_pattern(pattern: object, *, concrete: bool = False) -> tuple[tuple[str, ...], bool]:
@@ -89,20 +89,21 @@ def _parse_constraint(attr: str, ops: object) -> tuple[tuple[str, Any], ...]:
 
 def _holds(op: str, bound: Any, value: object) -> bool:
     if op == "eq":
-        return type(value) is type(bound) and value == bound
+        return type(value) is type(bound) and bool(value == bound)
     if op == "in":
         return (type(value), value) in bound
     if op == "prefix":
         return type(value) is str and value.startswith(bound)
     if type(value) is not int:  # numeric operators: a bool is not an int
         return False
+    limit: int = bound
     if op == "lt":
-        return value < bound
+        return value < limit
     if op == "le":
-        return value <= bound
+        return value <= limit
     if op == "gt":
-        return value > bound
-    return value >= bound  # "ge"
+        return value > limit
+    return value >= limit  # "ge"
 
 
 def _show_bound(op: str, bound: Any) -> str:
@@ -146,7 +147,7 @@ class Capability:
         n = len(self.segments)
         if len(res) < n or (len(res) != n and not self.tail) or (self.tail and len(res) == n):
             return False
-        return all(p == "*" or p == r for p, r in zip(self.segments, res, strict=False))
+        return all(p in ("*", r) for p, r in zip(self.segments, res, strict=False))
 
     def failed_constraint(self, ctx: Mapping[str, object]) -> tuple[str, str, Any] | None:
         """The first (attr, op, bound) that ``ctx`` fails, or None if all hold."""
@@ -196,7 +197,7 @@ class Capability:
         """Orders capabilities by how nearly they allow ``req``."""
         common = 0
         for p, r in zip(self.segments, req.segments, strict=False):
-            if p != "*" and p != r:
+            if p not in ("*", r):
                 break
             common += 1
         satisfied = 0

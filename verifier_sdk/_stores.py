@@ -61,7 +61,7 @@ class _ExpiringMap(Generic[E]):
 
     def purge(self, now: float) -> None:
         """Drop a few expired entries from the front (amortised, bounded work)."""
-        stale = []
+        stale: list[bytes] = []
         for key, entry in self.entries.items():
             if self.expires(entry) > now or len(stale) >= _PURGE_PER_CALL:
                 break

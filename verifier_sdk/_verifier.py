@@ -79,8 +79,11 @@ class Verifier:
         self._pop_window = pop_window
         self._max_lifetime = max_lifetime
         self._clock = clock
-        self._replay: ReplayStore = replay_store if replay_store is not None else MemoryReplayStore()
-        self._uses: UseStore = use_store if use_store is not None else MemoryUseStore()
+        # "is None", not "or": an empty store is falsy (it has __len__).
+        self._replay: ReplayStore = (
+            MemoryReplayStore() if replay_store is None else replay_store
+        )
+        self._uses: UseStore = MemoryUseStore() if use_store is None else use_store
         self._require_revocations = require_revocations
         self._revocations: RevocationList | None = None
         self._revocation_lock = threading.Lock()

@@ -1,0 +1,127 @@
+"""Builders for valid chains and for the broken and malicious ones tests need.
+
+``World`` holds a software root key, a trust bundle, a fixed clock and three
+holders; ``forge`` signs any header and payload (or raw bytes) without the
+checks the SDK's own builders apply, so tests can make exactly the bad token
+they describe.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from verifier_sdk import Holder, Request, TrustBundle, Verifier, issue_root
+from verifier_sdk._encoding import sha256_b64
+
+NOW = 1_800_000_000  # a fixed clock: 2027-01-15
+AUD = "payments-api"
+ROOT_KID = "root-1"
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jbytes(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def forge(header: Any, payload: Any, sign: Callable[[bytes], bytes] | None) -> str:
+    """A compact JWS over any header/payload (dicts, or raw JSON bytes)."""
+    h = header if isinstance(header, bytes) else jbytes(header)
+    p = payload if isinstance(payload, bytes) else jbytes(payload)
+    signing_input = b64(h) + "." + b64(p)
+    signature = sign(signing_input.encode()) if sign else b""
+    return signing_input + "." + b64(signature)
+
+
+def link_hash(token: str) -> str:
+    return sha256_b64(token.encode())
+
+
+REFUND_CAP = {
+    "res": "api/payments/refunds/*",
+    "act": ["post"],
+    "if": {"amount": {"le": 5000}},
+}
+ORDERS_CAP = {"res": "db/orders/**", "act": ["select"], "if": {"customer": {"eq": 42}}}
+
+
+@dataclass
+class World:
+    """A root key in its bundle, holders a → b → c, and a fixed clock."""
+
+    root: Holder = field(default_factory=Holder.generate)
+    a: Holder = field(default_factory=Holder.generate)
+    b: Holder = field(default_factory=lambda: Holder.generate("ES256"))
+    c: Holder = field(default_factory=Holder.generate)
+    now: float = NOW
+
+    @property
+    def bundle(self) -> TrustBundle:
+        return TrustBundle.from_jwks(self.jwks())
+
+    def jwks(self, **extra: Any) -> dict[str, Any]:
+        return {"keys": [{**self.root.public_jwk, "kid": ROOT_KID, "alg": self.root.alg, **extra}]}
+
+    def clock(self) -> float:
+        return self.now
+
+    def verifier(self, **settings: Any) -> Verifier:
+        settings.setdefault("audience", AUD)
+        settings.setdefault("clock", self.clock)
+        return Verifier(self.bundle, **settings)
+
+    def root_payload(self, **changes: Any) -> dict[str, Any]:
+        """The claims of the standard root link, to be tampered with and forged."""
+        payload: dict[str, Any] = {
+            "v": 1, "iss": "spiffe://acme.example/orchestrator", "sub": "agent:support",
+            "iat": NOW - 10, "nbf": NOW - 10, "exp": NOW + 600, "jti": "root-jti-0000000001",
+            "cnf": {"jwk": self.a.public_jwk}, "dpt": 2, "cap": [REFUND_CAP, ORDERS_CAP],
+        }
+        payload.update(changes)
+        return {k: v for k, v in payload.items() if v is not None}
+
+    def root_link(self, **changes: Any) -> str:
+        return forge(
+            {"alg": "EdDSA", "typ": "mandate+jwt", "kid": ROOT_KID},
+            self.root_payload(**changes), self.root.sign,
+        )
+
+    def issue(self, **kw: Any) -> str:
+        """A root link through the SDK's own builder."""
+        kw.setdefault("iss", "spiffe://acme.example/orchestrator")
+        kw.setdefault("sub", "agent:support")
+        kw.setdefault("holder_jwk", self.a.public_jwk)
+        kw.setdefault("cap", [REFUND_CAP, ORDERS_CAP])
+        kw.setdefault("ttl", 600)
+        kw.setdefault("dpt", 2)
+        kw.setdefault("now", self.now - 10)
+        return issue_root(alg=self.root.alg, kid=ROOT_KID, sign=self.root.sign, **kw)
+
+    def chain3(self, *, use: int | None = None) -> str:
+        """root → a → b → c: support narrows to refund o-123, then to a helper."""
+        chain = self.issue()
+        chain = self.a.attenuate(
+            chain, sub="agent:refund", holder_jwk=self.b.public_jwk,
+            cap=[{"res": "api/payments/refunds/o-123", "act": ["post"],
+                  "if": {"amount": {"le": 5000}}}],
+            ttl=300, dpt=1, now=self.now - 5,
+        )
+        return self.b.attenuate(
+            chain, sub="agent:helper", holder_jwk=self.c.public_jwk,
+            cap=[{"res": "api/payments/refunds/o-123", "act": ["post"]}],
+            ttl=120, dpt=0, use=use, now=self.now - 1,
+        )
+
+    def prove(self, holder: Holder, chain: str, req: Request, **kw: Any) -> str:
+        kw.setdefault("aud", AUD)
+        kw.setdefault("now", self.now)
+        return holder.prove(chain, req, **kw)
+
+
+REFUND = Request("api/payments/refunds/o-123", "post", {"amount": 4999})
