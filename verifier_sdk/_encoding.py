@@ -19,6 +19,7 @@ MAX_JSON_DEPTH: Final = 8
 _B64_CHARS = re.compile(r"[A-Za-z0-9_-]*")
 _B64_ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _B64_INDEX: Final = {c: i for i, c in enumerate(_B64_ALPHABET)}
+_TO_STANDARD: Final = bytes.maketrans(b"-_", b"+/")
 
 
 def b64url_encode(data: bytes) -> str:
@@ -37,16 +38,14 @@ def b64url_decode(text: str) -> bytes:
     rem = len(text) % 4
     if rem == 1:
         raise ValueError("impossible base64url length")
+    raw = text.encode("ascii").translate(_TO_STANDARD)
     if rem:
         # The last character carries 4 (rem 2) or 2 (rem 3) unused low bits.
         unused_mask = 0x0F if rem == 2 else 0x03
         if _B64_INDEX[text[-1]] & unused_mask:
             raise ValueError("non-canonical base64url (trailing bits set)")
-        text += "=" * (4 - rem)
-    try:
-        return base64.urlsafe_b64decode(text)
-    except (binascii.Error, ValueError) as exc:  # pragma: no cover - guarded above
-        raise ValueError("bad base64url") from exc
+        raw += b"==" if rem == 2 else b"="
+    return binascii.a2b_base64(raw, strict_mode=True)
 
 
 def sha256_b64(data: bytes) -> str:
@@ -116,18 +115,25 @@ def _check_depth(text: str) -> None:
             depth -= 1
 
 
-def parse_json_object(data: bytes) -> dict[str, Any]:
-    """Parse spec-§2 JSON: UTF-8 without BOM, an object at the top, strict."""
+def parse_json_object(data: bytes, *, depth_bounded_by_schema: bool = False) -> dict[str, Any]:
+    """Parse spec-§2 JSON: UTF-8 without BOM, an object at the top, strict.
+
+    ``depth_bounded_by_schema``: the caller checks the type of every member at
+    every level, and its schema nests at most 6 deep, so anything deeper than
+    8 is refused there; the bracket scan (about 8 us a payload) is skipped.
+    The parser's own recursion guard still turns absurd nesting into ValueError.
+    """
     if data.startswith(b"\xef\xbb\xbf"):
         raise ValueError("JSON with a byte-order mark")
     try:
         text = data.decode("utf-8")  # strict: also refuses encoded surrogates
     except UnicodeDecodeError as exc:
         raise ValueError("JSON is not valid UTF-8") from exc
-    _check_depth(text)
+    if not depth_bounded_by_schema:
+        _check_depth(text)
     try:
         obj = _DECODER.decode(text)
-    except RecursionError as exc:  # pragma: no cover - _check_depth comes first
+    except RecursionError as exc:
         raise ValueError("JSON nested too deeply") from exc
     except ValueError as exc:  # JSONDecodeError and the hooks' refusals
         raise ValueError(f"bad JSON: {exc}") from exc

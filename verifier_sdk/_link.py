@@ -60,8 +60,9 @@ def split_jws(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]
     parts = token.split(".")
     if len(parts) != 3:
         raise ValueError("not three dot-separated segments")
-    header = parse_json_object(b64url_decode(parts[0]))
-    payload = parse_json_object(b64url_decode(parts[1]))
+    # Links, PoPs and revocation lists check every member's type at every level.
+    header = parse_json_object(b64url_decode(parts[0]), depth_bounded_by_schema=True)
+    payload = parse_json_object(b64url_decode(parts[1]), depth_bounded_by_schema=True)
     signature = b64url_decode(parts[2])
     signing_input = token[: len(parts[0]) + 1 + len(parts[1])].encode("ascii")
     return header, payload, signing_input, signature
