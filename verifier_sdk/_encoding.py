@@ -99,6 +99,13 @@ _DECODER = json.JSONDecoder(
     parse_constant=_reject_constant,
     strict=True,  # no raw control characters inside strings
 )
+# For schema-checked tokens: every int sits where the schema range-checks it.
+_SCHEMA_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates,
+    parse_float=_reject_float,
+    parse_constant=_reject_constant,
+    strict=True,
+)
 
 
 def _check_depth(text: str) -> None:
@@ -115,13 +122,15 @@ def _check_depth(text: str) -> None:
             depth -= 1
 
 
-def parse_json_object(data: bytes, *, depth_bounded_by_schema: bool = False) -> dict[str, Any]:
+def parse_json_object(data: bytes, *, schema_checked: bool = False) -> dict[str, Any]:
     """Parse spec-§2 JSON: UTF-8 without BOM, an object at the top, strict.
 
-    ``depth_bounded_by_schema``: the caller checks the type of every member at
-    every level, and its schema nests at most 6 deep, so anything deeper than
-    8 is refused there; the bracket scan (about 8 us a payload) is skipped.
-    The parser's own recursion guard still turns absurd nesting into ValueError.
+    ``schema_checked``: the caller checks the type of every member at every
+    level and the range of every int, and its schema nests at most 6 deep; so
+    depth and integer range are enforced there, and the bracket scan and the
+    per-int hook (together about 10 us a payload) are skipped. The parser's
+    recursion guard still turns absurd nesting into ValueError, and so does
+    int()'s digit limit for absurd integers.
     """
     if data.startswith(b"\xef\xbb\xbf"):
         raise ValueError("JSON with a byte-order mark")
@@ -129,10 +138,10 @@ def parse_json_object(data: bytes, *, depth_bounded_by_schema: bool = False) -> 
         text = data.decode("utf-8")  # strict: also refuses encoded surrogates
     except UnicodeDecodeError as exc:
         raise ValueError("JSON is not valid UTF-8") from exc
-    if not depth_bounded_by_schema:
+    if not schema_checked:
         _check_depth(text)
     try:
-        obj = _DECODER.decode(text)
+        obj = (_SCHEMA_DECODER if schema_checked else _DECODER).decode(text)
     except RecursionError as exc:
         raise ValueError("JSON nested too deeply") from exc
     except ValueError as exc:  # JSONDecodeError and the hooks' refusals

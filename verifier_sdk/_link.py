@@ -8,7 +8,14 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ._capability import Capability
-from ._encoding import b64url_decode, b64url_encode, canonical_json, parse_json_object, sha256_b64
+from ._encoding import (
+    MAX_SAFE_INT,
+    b64url_decode,
+    b64url_encode,
+    canonical_json,
+    parse_json_object,
+    sha256_b64,
+)
 from ._errors import VerificationError
 from ._keys import PublicKey, public_key_from_jwk
 
@@ -55,14 +62,22 @@ def check_int(value: object, name: str, low: int, high: int) -> int:
     return value
 
 
+def check_time(value: object, name: str) -> int:
+    """A Unix time: any int in the JSON safe range."""
+    if type(value) is not int or not -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
+        raise ValueError(f"{name} is not an int in the safe range")
+    return value
+
+
 def split_jws(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
     """Decode a compact JWS: (header, payload, signing input, signature)."""
     parts = token.split(".")
     if len(parts) != 3:
         raise ValueError("not three dot-separated segments")
-    # Links, PoPs and revocation lists check every member's type at every level.
-    header = parse_json_object(b64url_decode(parts[0]), depth_bounded_by_schema=True)
-    payload = parse_json_object(b64url_decode(parts[1]), depth_bounded_by_schema=True)
+    # Links, PoPs and revocation lists check every member's type at every
+    # level and every int's range (check_int, check_time, the cap parser).
+    header = parse_json_object(b64url_decode(parts[0]), schema_checked=True)
+    payload = parse_json_object(b64url_decode(parts[1]), schema_checked=True)
     signature = b64url_decode(parts[2])
     signing_input = token[: len(parts[0]) + 1 + len(parts[1])].encode("ascii")
     return header, payload, signing_input, signature
@@ -145,9 +160,9 @@ def _parse_link(token: str, index: int) -> Link:
         ):
             raise ValueError("aud is a list of 1..16 strings of 1..256 characters")
         aud = frozenset(aud_list)
-    iat, nbf, exp = p["iat"], p["nbf"], p["exp"]
-    if type(iat) is not int or type(nbf) is not int or type(exp) is not int:
-        raise ValueError("iat, nbf and exp are ints")
+    iat = check_time(p["iat"], "iat")
+    nbf = check_time(p["nbf"], "nbf")
+    exp = check_time(p["exp"], "exp")
     if not nbf < exp:
         raise ValueError("nbf must be before exp")
     jti = check_jti(p["jti"])

@@ -7,7 +7,7 @@ from typing import Any, Final
 
 from ._capability import Request
 from ._encoding import canonical_json, sha256_b64
-from ._link import check_header, check_int, check_jti, encode_jws, split_jws
+from ._link import check_header, check_jti, check_time, encode_jws, split_jws
 
 POP_TYP: Final = "mandate-pop+jwt"
 _HEADER_MEMBERS: Final = frozenset({"alg", "typ"})
@@ -29,7 +29,7 @@ def parse_pop(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]
         raise ValueError("ath and req are strings")
     if type(payload["aud"]) is not str:
         raise ValueError("aud is a string")
-    check_int(payload["iat"], "iat", -(2**53 - 1), 2**53 - 1)
+    check_time(payload["iat"], "iat")
     check_jti(payload["jti"])
     return header, payload, signing_input, signature
 

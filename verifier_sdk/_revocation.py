@@ -16,6 +16,7 @@ from ._link import (
     check_jti,
     check_kid,
     check_principal,
+    check_time,
     encode_jws,
     split_jws,
 )
@@ -49,8 +50,8 @@ def _parse(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
         raise ValueError("v must be 1")
     check_principal(payload["iss"], "iss")
     check_int(payload["seq"], "seq", 0, _MAX_TIME)
-    check_int(payload["iat"], "iat", -_MAX_TIME, _MAX_TIME)
-    check_int(payload["exp"], "exp", -_MAX_TIME, _MAX_TIME)
+    check_time(payload["iat"], "iat")
+    check_time(payload["exp"], "exp")
     if not payload["iat"] < payload["exp"]:
         raise ValueError("iat must be before exp")
     rev = payload["rev"]
