@@ -57,8 +57,10 @@ def sha256_b64(data: bytes) -> str:
 
 # Strings are removed before counting brackets, so "[" inside a string does
 # not count towards depth. The pattern follows JSON's string grammar closely
-# enough for counting: a quote, then non-quote/non-backslash or any escape.
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# enough for counting: a quote, then non-quote/non-backslash or any escape,
+# up to the closing quote or the end of the text. The possessive quantifier
+# and the end-of-text alternative keep it linear on an unterminated string.
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*+(?:"|\Z)', re.DOTALL)
 _JSON_BRACKETS = re.compile(r"[\[\]{}]")
 
 
