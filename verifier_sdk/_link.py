@@ -69,15 +69,24 @@ def check_time(value: object, name: str) -> int:
     return value
 
 
-def split_jws(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
-    """Decode a compact JWS: (header, payload, signing input, signature)."""
+def split_jws(token: str, *, small: bool = True) -> tuple[dict[str, Any], dict[str, Any],
+                                                          bytes, bytes]:
+    """Decode a compact JWS: (header, payload, signing input, signature).
+
+    ``small``: the token is a link or a PoP, at most 8 KiB (checked in step 1),
+    whose every member's type and int range its parser checks (check_int,
+    check_time, the capability parser). So its JSON is parsed without the
+    depth scan and the per-int hook: it cannot nest deeper than a few
+    thousand levels, which the parser's recursion guard refuses safely. A
+    revocation list (up to 1 MiB) is scanned first: nesting a hundred
+    thousand deep could exhaust the C stack where an application has raised
+    the recursion limit.
+    """
     parts = token.split(".")
     if len(parts) != 3:
         raise ValueError("not three dot-separated segments")
-    # Links, PoPs and revocation lists check every member's type at every
-    # level and every int's range (check_int, check_time, the cap parser).
-    header = parse_json_object(b64url_decode(parts[0]), schema_checked=True)
-    payload = parse_json_object(b64url_decode(parts[1]), schema_checked=True)
+    header = parse_json_object(b64url_decode(parts[0]), schema_checked=small)
+    payload = parse_json_object(b64url_decode(parts[1]), schema_checked=small)
     signature = b64url_decode(parts[2])
     signing_input = token[: len(parts[0]) + 1 + len(parts[1])].encode("ascii")
     return header, payload, signing_input, signature

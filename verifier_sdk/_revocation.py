@@ -41,7 +41,7 @@ class RevocationList:
 
 
 def _parse(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
-    header, payload, signing_input, signature = split_jws(token)
+    header, payload, signing_input, signature = split_jws(token, small=False)
     check_header(header, _HEADER_MEMBERS, RL_TYP)
     check_kid(header["kid"])
     if payload.keys() != _PAYLOAD_MEMBERS:
