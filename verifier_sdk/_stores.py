@@ -136,7 +136,7 @@ class MemoryUseStore:
             counts = {key: m.live(d, now) for key, d in digests.items()}
             at_limit = [
                 key for key, entry in counts.items()
-                if entry is not None and entry[0] >= limits[key]
+                if (0 if entry is None else entry[0]) >= limits[key]
             ]
             if at_limit:
                 return at_limit
