@@ -176,7 +176,7 @@ def public_key_from_jwk(jwk: Any, *, extra: frozenset[str] = frozenset()) -> Pub
     if cached is not None:
         return cached
     x = _coordinate(jwk, "x")
-    public = {name: jwk[name] for name in required}
+    public = {name: jwk[name] for name in sorted(required)}
     if kty == "OKP":
         _check_ed25519_point(x)
         key = PublicKey(public, "EdDSA", x)
