@@ -144,10 +144,17 @@ class Capability:
         return cls(cap, segments, tail, actions, constraints)
 
     def resource_matches(self, res: tuple[str, ...]) -> bool:
-        n = len(self.segments)
-        if len(res) < n or (len(res) != n and not self.tail) or (self.tail and len(res) == n):
+        segments = self.segments
+        n = len(segments)
+        if self.tail:
+            if len(res) <= n:  # "**" needs one segment or more
+                return False
+            res = res[:n]
+        elif len(res) != n:
             return False
-        return all(p in ("*", r) for p, r in zip(self.segments, res, strict=False))
+        if "*" not in segments:
+            return res == segments
+        return all(p in ("*", r) for p, r in zip(segments, res, strict=True))
 
     def failed_constraint(self, ctx: Mapping[str, object]) -> tuple[str, str, Any] | None:
         """The first (attr, op, bound) that ``ctx`` fails, or None if all hold."""

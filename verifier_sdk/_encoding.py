@@ -159,8 +159,9 @@ def parse_json_object(data: bytes, *, schema_checked: bool = False) -> dict[str,
     return obj
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(obj: Any) -> bytes:
     """Members sorted at every level, no whitespace, non-ASCII written raw."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8"
-    )
+    return _CANONICAL.encode(obj).encode("utf-8")

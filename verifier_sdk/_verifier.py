@@ -179,8 +179,11 @@ class Verifier:
                     f"{link.label}: audience {self._audience!r} is not in {sorted(link.aud)}",
                     link=link.index,
                 )
-            # (9) Capabilities.
-            if not any(cap.matches(request) for cap in link.caps):
+            # (9) Capabilities: at least one must allow the request.
+            for cap in link.caps:
+                if cap.matches(request):
+                    break
+            else:
                 raise VerificationError("denied", self._denial(link, request), link=link.index)
 
         leaf = links[-1]
@@ -202,11 +205,11 @@ class Verifier:
         self._count_uses(links, now)
 
         return Decision(
-            principals=(links[0].iss, *(link.sub for link in links)),
+            principals=(links[0].iss, *[link.sub for link in links]),
             subject=leaf.sub,
-            jtis=tuple(link.jti for link in links),
+            jtis=tuple([link.jti for link in links]),
             kid=links[0].kid,
-            expires_at=min(link.exp for link in links),
+            expires_at=min([link.exp for link in links]),
             request=request,
         )
 
