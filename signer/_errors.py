@@ -1,0 +1,53 @@
+"""The daemon's error tree. Each class maps to one gRPC status code, in the
+one table of ``signer._service``; library exceptions are wrapped here."""
+
+from __future__ import annotations
+
+
+class SignerError(Exception):
+    """Base of every error the daemon reports to a caller."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(SignerError):
+    """The request is malformed or breaks the credential format's rules."""
+
+
+class Unauthenticated(SignerError):
+    """No verified caller identity (no or unusable client certificate)."""
+
+
+class PolicyDenied(SignerError):
+    """The issuance policy does not allow the request.
+
+    ``reason`` is a stable machine-readable token (e.g. ``ttl_exceeds_max``);
+    the message says which rule failed in words.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class NotAllowed(SignerError):
+    """An authenticated caller asked for something only others may do (admin RPCs,
+    revoking another caller's link)."""
+
+
+class NotFound(SignerError):
+    """The named object (key, link) does not exist."""
+
+
+class Unavailable(SignerError):
+    """A part the daemon needs (the HSM, the audit store) is down: fail closed."""
+
+
+class Exhausted(SignerError):
+    """Too many calls in flight, or another bounded resource is used up."""
+
+
+class ConfigError(SignerError):
+    """The configuration, the policy file or the key setup is wrong: refuse to start."""

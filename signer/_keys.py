@@ -1,0 +1,49 @@
+"""The one signing interface the daemon sees, and its in-memory backend.
+
+The PKCS#11 backend lives in ``signer._pkcs11``; nothing else imports pkcs11.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from verifier_sdk._keys import PrivateKey
+
+
+@runtime_checkable
+class KeySigner(Protocol):
+    """A root key: signs JWS signing inputs, returns JWS-form signatures."""
+
+    @property
+    def kid(self) -> str: ...
+
+    @property
+    def alg(self) -> str: ...
+
+    @property
+    def public_jwk(self) -> dict[str, Any]: ...
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
+class MemoryKeySigner:
+    """A software key for unit tests only: the private key lives in memory."""
+
+    def __init__(self, kid: str, alg: str = "EdDSA") -> None:
+        self._kid = kid
+        self._key = PrivateKey.generate(alg)
+
+    @property
+    def kid(self) -> str:
+        return self._kid
+
+    @property
+    def alg(self) -> str:
+        return self._key.alg
+
+    @property
+    def public_jwk(self) -> dict[str, Any]:
+        return dict(self._key.public_key.jwk)
+
+    def sign(self, data: bytes) -> bytes:
+        return self._key.sign(data)
