@@ -5,9 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint typecheck unit bench vectors clean
+.PHONY: demo test lint typecheck protocheck unit bench vectors protos clean
 
 $(VENV)/.installed: pyproject.toml
+	bash scripts/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[signer,dev]'
@@ -16,13 +17,19 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
 
-test: lint typecheck unit
+test: lint typecheck protocheck unit
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
 typecheck: $(VENV)/.installed
 	$(PY) -m mypy verifier_sdk signer tests bench scripts
+
+protocheck: $(VENV)/.installed
+	$(PY) scripts/gen_protos.py --check
+
+protos: $(VENV)/.installed
+	$(PY) scripts/gen_protos.py
 
 unit: $(VENV)/.installed
 	$(PY) -m pytest
