@@ -9,6 +9,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from verifier_sdk._keys import PrivateKey
 
+from ._errors import ConfigError
+
 
 @runtime_checkable
 class KeySigner(Protocol):
@@ -47,3 +49,30 @@ class MemoryKeySigner:
 
     def sign(self, data: bytes) -> bytes:
         return self._key.sign(data)
+
+
+class KeyStore(Protocol):
+    """Where root keys live: generates them and hands out their signers."""
+
+    def generate(self, kid: str, alg: str) -> KeySigner: ...
+
+    def signer(self, kid: str) -> KeySigner: ...
+
+
+class MemoryKeyStore:
+    """In-memory keys, for unit tests only."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, MemoryKeySigner] = {}
+
+    def generate(self, kid: str, alg: str) -> KeySigner:
+        if kid in self._keys:
+            raise ConfigError(f"key {kid!r} already exists")
+        self._keys[kid] = MemoryKeySigner(kid, alg)
+        return self._keys[kid]
+
+    def signer(self, kid: str) -> KeySigner:
+        try:
+            return self._keys[kid]
+        except KeyError:
+            raise ConfigError(f"key {kid!r} is not in the key store") from None

@@ -1,0 +1,298 @@
+"""Issuance, the daemon's pure core: request → policy → claims → sign → audit.
+
+No gRPC here: the servicer translates protobuf to these calls and their
+errors to status codes. Order matters and is the security argument:
+a link exists outside this module only after its audit record is durable,
+and a denial is answered only after its own record is.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from verifier_sdk import Capability, issue_root, make_revocation_list, new_jti
+from verifier_sdk._encoding import canonical_json, sha256_b64
+from verifier_sdk._keys import public_key_from_jwk
+from verifier_sdk._link import MAX_USE, check_jti, check_principal
+
+from ._errors import InvalidRequest, NotAllowed, NotFound, PolicyDenied, Unauthenticated
+from ._keys import KeySigner, KeyStore
+from ._model import DelegateRequest
+from ._state import IssuedLink, KeyRecord, StateStore, StoredList
+
+MAX_IDEMPOTENCY_KEY = 128
+# A revoked jti is kept in published lists until its link is surely dead
+# everywhere: its exp plus more than any verifier's leeway.
+REVOCATION_MARGIN_S = 300
+
+
+class Grant(Protocol):
+    """What the policy says about an allowed request."""
+
+    @property
+    def key(self) -> str | None: ...
+
+
+class Policy(Protocol):
+    def evaluate(self, caller: str, req: DelegateRequest) -> Grant: ...
+
+    @property
+    def admins(self) -> frozenset[str]: ...
+
+
+class Audit(Protocol):
+    def append(self, event: str, *, caller: str, decision: str, reason: str = "",
+               request_digest: str = "", jti: str = "", link_hash: str = "", kid: str = "",
+               detail: Mapping[str, str | int] | None = None) -> object: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    chain: str
+    jti: str
+    kid: str
+    expires_at: int
+    idempotent_replay: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedList:
+    token: str
+    seq: int
+    expires_at: int
+
+
+def request_digest(caller: str, req: DelegateRequest) -> str:
+    """H(canonical request): what the audit log and idempotency compare."""
+    return sha256_b64(canonical_json({
+        "caller": caller, "sub": req.sub, "holder_jwk": dict(req.holder_jwk),
+        "caps": [dict(c) for c in req.caps], "ttl": req.ttl,
+        "aud": None if req.aud is None else list(req.aud), "dpt": req.dpt, "use": req.use,
+        "kid": req.key,
+    }))
+
+
+def validate_request(req: DelegateRequest) -> None:
+    """The credential format's rules on what a caller may ask for (InvalidRequest)."""
+    try:
+        check_principal(req.sub, "sub")
+        public_key_from_jwk(dict(req.holder_jwk))
+        if not 1 <= len(req.caps) <= 64:
+            raise ValueError("caps: 1..64 capabilities")
+        for cap in req.caps:
+            Capability.parse(dict(cap))
+        if type(req.ttl) is not int or req.ttl < 1:
+            raise ValueError("ttl must be a positive number of seconds")
+        if type(req.dpt) is not int or not 0 <= req.dpt <= 15:
+            raise ValueError("dpt must be in 0..15")
+        if req.use is not None and (type(req.use) is not int or not 1 <= req.use <= MAX_USE):
+            raise ValueError(f"use must be in 1..{MAX_USE}")
+        if req.aud is not None and (
+            not 1 <= len(req.aud) <= 16 or not all(1 <= len(a) <= 256 for a in req.aud)
+        ):
+            raise ValueError("aud: 1..16 audiences of 1..256 characters")
+        if not 1 <= len(req.idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+            raise ValueError(f"idempotency_key: 1..{MAX_IDEMPOTENCY_KEY} characters")
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+class Issuer:
+    """Signs root links and revocation lists; thread-safe."""
+
+    def __init__(self, *, policy: Policy, keys: KeyStore, state: StateStore, audit: Audit,
+                 list_issuer: str, list_ttl_s: int = 3600,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.policy = policy  # replaced whole on reload
+        self._keys = keys
+        self._state = state
+        self._audit = audit
+        self._list_issuer = list_issuer
+        self._list_ttl_s = list_ttl_s
+        self._clock = clock
+        self._idempotency_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._idempotency_guard = threading.Lock()
+        self._list_lock = threading.Lock()
+
+    # --- keys ----------------------------------------------------------------
+
+    def keyring(self) -> list[KeyRecord]:
+        return self._state.key_records()
+
+    def active_key(self, now: int) -> KeyRecord:
+        """The newest key whose window has begun and not ended."""
+        live = [
+            k for k in self._state.key_records()
+            if k.nbf <= now and (k.exp is None or now < k.exp)
+        ]
+        if not live:
+            raise NotFound("no root key is active: generate one (mandate keys generate)")
+        return max(live, key=lambda k: (k.nbf, k.kid))
+
+    def signer(self, kid: str) -> KeySigner:
+        return self._keys.signer(kid)
+
+    def trust_bundle(self) -> dict[str, Any]:
+        keys = []
+        for record in self._state.key_records():
+            jwk: dict[str, Any] = {**self._keys.signer(record.kid).public_jwk,
+                                   "kid": record.kid, "alg": record.alg, "use": "sig",
+                                   "nbf": record.nbf}
+            if record.exp is not None:
+                jwk["exp"] = record.exp
+            keys.append(jwk)
+        return {"keys": keys}
+
+    def add_key(self, kid: str, alg: str, *, not_before: int | None = None,
+                caller: str = "operator") -> KeyRecord:
+        """Generate a key in the key store and put it in the bundle."""
+        now = int(self._clock())
+        record = KeyRecord(kid, alg, now if not_before is None else not_before, None)
+        self._keys.generate(kid, alg)
+        self._state.add_key(record)
+        self._audit.append("key", caller=caller, decision="ok", reason="generated", kid=kid,
+                           detail={"alg": alg, "nbf": record.nbf})
+        return record
+
+    def rotate(self, new_kid: str, alg: str, *, not_before: int | None, max_link_ttl_s: int,
+               caller: str = "operator") -> tuple[KeyRecord, KeyRecord]:
+        """A new key signs from ``not_before``; the old one keeps its place in the
+        bundle until every link it can still sign has expired, then ends."""
+        now = int(self._clock())
+        start = now if not_before is None else max(now, not_before)
+        previous = self.active_key(now)
+        new = self.add_key(new_kid, alg, not_before=start, caller=caller)
+        old_exp = start + max_link_ttl_s
+        self._state.set_key_exp(previous.kid, old_exp)
+        self._audit.append("key", caller=caller, decision="ok", reason="retiring",
+                           kid=previous.kid, detail={"exp": old_exp, "successor": new_kid})
+        return new, KeyRecord(previous.kid, previous.alg, previous.nbf, old_exp)
+
+    # --- delegation ----------------------------------------------------------
+
+    def delegate(self, caller: str, req: DelegateRequest) -> Issued:
+        try:
+            check_principal(caller, "caller identity")
+        except ValueError as exc:
+            raise Unauthenticated(str(exc)) from None
+        validate_request(req)
+        digest = request_digest(caller, req)
+        with self._idempotency_lock(caller, req.idempotency_key):
+            earlier = self._state.by_idempotency_key(caller, req.idempotency_key)
+            if earlier is not None:
+                if earlier.request_digest != digest:
+                    raise InvalidRequest(
+                        "idempotency_key was used before for a different request"
+                    )
+                return Issued(earlier.chain, earlier.jti, earlier.kid, earlier.exp, True)
+            return self._issue(caller, req, digest)
+
+    def _issue(self, caller: str, req: DelegateRequest, digest: str) -> Issued:
+        now = int(self._clock())
+        try:
+            grant = self.policy.evaluate(caller, req)
+            record = self._signing_key(grant.key, now, req.ttl)
+        except PolicyDenied as denial:
+            # The denial is answered only once its record is durable.
+            self._audit.append("deny", caller=caller, decision="deny", reason=denial.reason,
+                               request_digest=digest, detail={"sub": req.sub})
+            raise
+        signer = self._keys.signer(record.kid)
+        jti = new_jti()
+        try:
+            chain = issue_root(
+                alg=signer.alg, kid=record.kid, sign=signer.sign, iss=caller, sub=req.sub,
+                holder_jwk=req.holder_jwk, cap=list(req.caps), ttl=req.ttl, dpt=req.dpt,
+                aud=req.aud, use=req.use, now=now, jti=jti,
+            )
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        exp = now + req.ttl
+        # (audit) Durable before the link leaves: if this raises, nobody gets it.
+        self._audit.append("delegate", caller=caller, decision="allow", request_digest=digest,
+                           jti=jti, link_hash=sha256_b64(chain.encode("ascii")),
+                           kid=record.kid, detail={"sub": req.sub, "exp": exp})
+        self._state.record_issued(IssuedLink(jti, caller, req.sub, record.kid, exp, chain,
+                                             digest, req.idempotency_key))
+        return Issued(chain, jti, record.kid, exp, False)
+
+    def _signing_key(self, kid: str | None, now: int, ttl: int) -> KeyRecord:
+        record = self.active_key(now) if kid is None else next(
+            (k for k in self._state.key_records() if k.kid == kid), None
+        )
+        if record is None or record.nbf > now:
+            raise PolicyDenied(
+                "key_unavailable", f"key {kid!r} is not in the keyring or not yet active"
+            )
+        if record.exp is not None and now + ttl > record.exp:
+            raise PolicyDenied(
+                "key_expiring",
+                f"a link for {ttl} s would outlive key {record.kid!r} (ends at {record.exp})",
+            )
+        return record
+
+    def _idempotency_lock(self, caller: str, key: str) -> threading.Lock:
+        with self._idempotency_guard:
+            lock = self._idempotency_locks.get((caller, key))
+            if lock is None:
+                if len(self._idempotency_locks) > 10_000:
+                    self._idempotency_locks = {
+                        k: v for k, v in self._idempotency_locks.items() if v.locked()
+                    }
+                lock = self._idempotency_locks[(caller, key)] = threading.Lock()
+            return lock
+
+    # --- revocation ----------------------------------------------------------
+
+    def revoke(self, caller: str, jtis: Iterable[str], *, reason: str = "") -> PublishedList:
+        """Revoke links ``caller`` issued (an admin: any jti, even of links made
+        offline), then publish a new list."""
+        admin = caller in self.policy.admins
+        entries: list[tuple[str, int | None]] = []
+        for jti in dict.fromkeys(jtis):
+            try:
+                check_jti(jti)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
+            issued = self._state.issued(jti)
+            if issued is None and not admin:
+                raise NotFound(f"no link with jti {jti} was issued here")
+            if issued is not None and issued.caller != caller and not admin:
+                raise NotAllowed(f"jti {jti} was issued to another caller")
+            entries.append((jti, None if issued is None else issued.exp))
+        if not entries:
+            raise InvalidRequest("no jti to revoke")
+        now = int(self._clock())
+        self._audit.append("revoke", caller=caller, decision="ok", reason=reason[:200],
+                           detail={"jtis": ",".join(j for j, _ in entries)})
+        self._state.revoke(entries, by=caller, reason=reason[:200], now=now)
+        return self._publish(now)
+
+    def revocation_list(self) -> PublishedList:
+        """The current list, re-signed with a higher seq once half its life is gone."""
+        now = int(self._clock())
+        stored = self._state.revocation_list()
+        if stored is not None and now < stored.exp - self._list_ttl_s // 2:
+            return PublishedList(stored.token, stored.seq, stored.exp)
+        return self._publish(now)
+
+    def _publish(self, now: int) -> PublishedList:
+        with self._list_lock:
+            stored = self._state.revocation_list()
+            seq = 0 if stored is None else stored.seq + 1
+            record = self.active_key(now)
+            signer = self._keys.signer(record.kid)
+            exp = now + self._list_ttl_s
+            if record.exp is not None:
+                exp = min(exp, record.exp)  # a list's exp must be within its key's window
+            token = make_revocation_list(
+                alg=signer.alg, kid=record.kid, sign=signer.sign, iss=self._list_issuer,
+                seq=seq, iat=now, exp=exp,
+                revoked=self._state.revoked_jtis(live_after=now - REVOCATION_MARGIN_S),
+            )
+            self._state.save_revocation_list(StoredList(seq, token, exp))
+            return PublishedList(token, seq, exp)
