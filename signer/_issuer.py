@@ -16,8 +16,8 @@ from typing import Any, Protocol
 
 from verifier_sdk import Capability, issue_root, make_revocation_list, new_jti
 from verifier_sdk._encoding import canonical_json, sha256_b64
-from verifier_sdk._keys import public_key_from_jwk
-from verifier_sdk._link import MAX_USE, check_jti, check_principal
+from verifier_sdk._keys import ALGORITHMS, public_key_from_jwk
+from verifier_sdk._link import MAX_USE, check_jti, check_kid, check_principal
 
 from ._errors import InvalidRequest, NotAllowed, NotFound, PolicyDenied, Unauthenticated
 from ._keys import KeySigner, KeyStore
@@ -150,6 +150,12 @@ class Issuer:
     def add_key(self, kid: str, alg: str, *, not_before: int | None = None,
                 caller: str = "operator") -> KeyRecord:
         """Generate a key in the key store and put it in the bundle."""
+        try:
+            check_kid(kid)
+        except ValueError as exc:
+            raise InvalidRequest(f"new key id: {exc}") from None
+        if alg not in ALGORITHMS:
+            raise InvalidRequest(f"alg must be one of {ALGORITHMS}")
         now = int(self._clock())
         record = KeyRecord(kid, alg, now if not_before is None else not_before, None)
         self._keys.generate(kid, alg)

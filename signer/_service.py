@@ -1,0 +1,267 @@
+"""The gRPC shell: protobuf ⇄ domain objects, caller identity, and the one
+table from domain errors to status codes. No issuance logic lives here."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from ._errors import (
+    ConfigError,
+    Exhausted,
+    InvalidRequest,
+    NotAllowed,
+    NotFound,
+    PolicyDenied,
+    SignerError,
+    Unauthenticated,
+    Unavailable,
+)
+from ._issuer import Issuer, PublishedList
+from ._model import DelegateRequest
+from ._proto.mandate.v1 import signer_pb2 as pb
+from ._proto.mandate.v1 import signer_pb2_grpc as pb_grpc
+from ._state import KeyRecord
+
+log = logging.getLogger("mandate.signer")
+
+ERROR_DOMAIN = "mandate.signer"
+
+#: The one mapping from domain errors to gRPC status codes.
+STATUS_OF: dict[type[SignerError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PolicyDenied: grpc.StatusCode.PERMISSION_DENIED,
+    NotAllowed: grpc.StatusCode.PERMISSION_DENIED,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Exhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def status_for(error: SignerError) -> status_pb2.Status:
+    """The rich status for an error: code, message, and for a policy denial an
+    ErrorInfo whose ``reason`` is the machine-readable denial reason."""
+    code = STATUS_OF.get(type(error), grpc.StatusCode.INTERNAL)
+    status = status_pb2.Status(code=code.value[0], message=error.message)
+    if isinstance(error, PolicyDenied):
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
+        status.details.append(detail)
+    return status
+
+
+def caller_identity(context: grpc.ServicerContext) -> str:
+    """The verified client certificate's URI SAN (e.g. a SPIFFE ID), else its CN.
+
+    Taken only from the peer certificate the TLS handshake verified; a
+    plaintext (loopback development) listener has none, and the caller is
+    then ``local:insecure``.
+    """
+    auth = context.auth_context()
+    pem = auth.get("x509_pem_cert")
+    if not pem:
+        if context.peer().startswith(("ipv4:127.", "ipv6:[::1]", "unix:")) and not auth.get(
+            "transport_security_type"
+        ):
+            return "local:insecure"
+        raise Unauthenticated("no verified client certificate")
+    cert = x509.load_pem_x509_certificate(pem[0])
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    if uris:
+        return str(uris[0])
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if names:
+        return str(names[0].value)
+    raise Unauthenticated("the client certificate names no URI SAN and no CN")
+
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def _handled(method: Callable[[Any, Req, grpc.ServicerContext], Resp]
+             ) -> Callable[[Any, Req, grpc.ServicerContext], Resp]:
+    """Turn domain errors into statuses; anything else is logged and INTERNAL."""
+    def wrapper(self: Any, request: Req, context: grpc.ServicerContext) -> Resp:
+        try:
+            return method(self, request, context)
+        except SignerError as error:
+            if not isinstance(error, PolicyDenied | InvalidRequest | NotFound | NotAllowed):
+                log.warning("%s failed: %s", method.__name__, error.message)
+            context.abort_with_status(rpc_status.to_status(status_for(error)))
+        except Exception:
+            log.exception("%s: unexpected error", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+# --- protobuf → domain ---------------------------------------------------------
+
+def _scalar(value: pb.Scalar) -> str | int | bool:
+    kind = value.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequest("a constraint value is empty")
+    result: str | int | bool = getattr(value, kind)
+    return result
+
+
+def cap_from_proto(cap: pb.Capability) -> dict[str, Any]:
+    out: dict[str, Any] = {"res": cap.res, "act": list(cap.act)}
+    if cap.when:
+        when: dict[str, Any] = {}
+        for attr, c in cap.when.items():
+            ops: dict[str, Any] = {}
+            if c.HasField("eq"):
+                ops["eq"] = _scalar(c.eq)
+            if c.any_of:
+                ops["in"] = [_scalar(v) for v in c.any_of]
+            for op in ("lt", "le", "gt", "ge", "prefix"):
+                if c.HasField(op):
+                    ops[op] = getattr(c, op)
+            when[attr] = ops
+        out["if"] = when
+    return out
+
+
+def jwk_from_proto(jwk: pb.Jwk) -> dict[str, str]:
+    out = {"kty": jwk.kty, "crv": jwk.crv, "x": jwk.x}
+    if jwk.y:
+        out["y"] = jwk.y
+    return out
+
+
+def jwk_to_proto(jwk: dict[str, Any]) -> pb.Jwk:
+    return pb.Jwk(kty=jwk["kty"], crv=jwk["crv"], x=jwk["x"], y=jwk.get("y", ""))
+
+
+def delegate_from_proto(req: pb.DelegateRequest) -> DelegateRequest:
+    return DelegateRequest(
+        sub=req.sub,
+        holder_jwk=jwk_from_proto(req.holder_jwk),
+        caps=tuple(cap_from_proto(c) for c in req.caps),
+        ttl=req.ttl_seconds,
+        aud=tuple(req.aud) if req.aud else None,
+        dpt=req.dpt,
+        use=req.use if req.HasField("use") else None,
+        idempotency_key=req.idempotency_key,
+        key=req.kid or None,
+    )
+
+
+def _list_to_proto(published: PublishedList) -> pb.RevocationList:
+    return pb.RevocationList(token=published.token, seq=published.seq,
+                             expires_at=published.expires_at)
+
+
+# --- servicers -------------------------------------------------------------------
+
+class SignerService(pb_grpc.SignerServicer):
+    def __init__(self, issuer: Issuer) -> None:
+        self._issuer = issuer
+
+    @_handled
+    def Delegate(self, request: pb.DelegateRequest,
+                 context: grpc.ServicerContext) -> pb.DelegateResponse:
+        caller = caller_identity(context)
+        issued = self._issuer.delegate(caller, delegate_from_proto(request))
+        log.info("delegate caller=%s sub=%s jti=%s replay=%s", caller, request.sub,
+                 issued.jti, issued.idempotent_replay)
+        return pb.DelegateResponse(chain=issued.chain, jti=issued.jti, kid=issued.kid,
+                                   expires_at=issued.expires_at,
+                                   idempotent_replay=issued.idempotent_replay)
+
+    @_handled
+    def Revoke(self, request: pb.RevokeRequest,
+               context: grpc.ServicerContext) -> pb.RevokeResponse:
+        caller = caller_identity(context)
+        published = self._issuer.revoke(caller, list(request.jti), reason=request.reason)
+        log.info("revoke caller=%s jtis=%s seq=%d", caller, list(request.jti), published.seq)
+        return pb.RevokeResponse(revocation_list=_list_to_proto(published))
+
+    @_handled
+    def GetRevocationList(self, request: pb.GetRevocationListRequest,
+                          context: grpc.ServicerContext) -> pb.RevocationList:
+        caller_identity(context)
+        return _list_to_proto(self._issuer.revocation_list())
+
+    @_handled
+    def GetTrustBundle(self, request: pb.GetTrustBundleRequest,
+                       context: grpc.ServicerContext) -> pb.TrustBundle:
+        caller_identity(context)
+        return pb.TrustBundle(jwks=json.dumps(self._issuer.trust_bundle(), sort_keys=True))
+
+
+def _key_to_proto(issuer: Issuer, record: KeyRecord, active: str | None) -> pb.KeyInfo:
+    return pb.KeyInfo(kid=record.kid, alg=record.alg,
+                      public_jwk=jwk_to_proto(issuer.signer(record.kid).public_jwk),
+                      not_before=record.nbf, expires=record.exp or 0,
+                      active=record.kid == active)
+
+
+class SignerAdminService(pb_grpc.SignerAdminServicer):
+    def __init__(self, issuer: Issuer, *, max_link_ttl_s: int,
+                 checkpoints: Callable[[int], tuple[list[pb.AuditCheckpoint], int, str]],
+                 clock: Callable[[], float]) -> None:
+        self._issuer = issuer
+        self._max_link_ttl_s = max_link_ttl_s
+        self._checkpoints = checkpoints
+        self._clock = clock
+
+    def _admin(self, context: grpc.ServicerContext) -> str:
+        caller = caller_identity(context)
+        if caller not in self._issuer.policy.admins:
+            raise NotAllowed(f"{caller} is not an admin")
+        return caller
+
+    def _active_kid(self) -> str | None:
+        try:
+            return self._issuer.active_key(int(self._clock())).kid
+        except NotFound:
+            return None
+
+    @_handled
+    def ListKeys(self, request: pb.ListKeysRequest,
+                 context: grpc.ServicerContext) -> pb.ListKeysResponse:
+        self._admin(context)
+        active = self._active_kid()
+        return pb.ListKeysResponse(keys=[_key_to_proto(self._issuer, k, active)
+                                         for k in self._issuer.keyring()])
+
+    @_handled
+    def RotateKey(self, request: pb.RotateKeyRequest,
+                  context: grpc.ServicerContext) -> pb.RotateKeyResponse:
+        caller = self._admin(context)
+        new, previous = self._issuer.rotate(
+            request.new_kid, request.alg or "EdDSA",
+            not_before=request.not_before or None, max_link_ttl_s=self._max_link_ttl_s,
+            caller=caller,
+        )
+        active = self._active_kid()
+        return pb.RotateKeyResponse(new_key=_key_to_proto(self._issuer, new, active),
+                                    previous_key=_key_to_proto(self._issuer, previous, active))
+
+    @_handled
+    def GetAuditCheckpoints(self, request: pb.GetAuditCheckpointsRequest,
+                            context: grpc.ServicerContext) -> pb.GetAuditCheckpointsResponse:
+        self._admin(context)
+        checkpoints, head_seq, head_hash = self._checkpoints(request.limit or 100)
+        return pb.GetAuditCheckpointsResponse(checkpoints=checkpoints, head_seq=head_seq,
+                                              head_hash=head_hash)
+
