@@ -31,7 +31,7 @@ class ServerConfig:
 @dataclass(frozen=True, slots=True)
 class HsmConfig:
     module: str = ""  # path of the PKCS#11 module; empty: SoftHSM2's, if found
-    token_label: str = "mandate"
+    token_label: str = "mandate"  # noqa: S105 - a token label, not a secret
     pin_env: str = "MANDATE_HSM_PIN"
     pin_file: Path | None = None  # read instead of pin_env when set
 
