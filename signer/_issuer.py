@@ -47,7 +47,7 @@ class Policy(Protocol):
 class Audit(Protocol):
     def append(self, event: str, *, caller: str, decision: str, reason: str = "",
                request_digest: str = "", jti: str = "", link_hash: str = "", kid: str = "",
-               detail: Mapping[str, str | int] | None = None) -> object: ...
+               sub: str = "", detail: Mapping[str, str | int] | None = None) -> object: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +205,7 @@ class Issuer:
         except PolicyDenied as denial:
             # The denial is answered only once its record is durable.
             self._audit.append("deny", caller=caller, decision="deny", reason=denial.reason,
-                               request_digest=digest, detail={"sub": req.sub})
+                               request_digest=digest, sub=req.sub)
             raise
         signer = self._keys.signer(record.kid)
         jti = new_jti()
@@ -221,7 +221,7 @@ class Issuer:
         # (audit) Durable before the link leaves: if this raises, nobody gets it.
         self._audit.append("delegate", caller=caller, decision="allow", request_digest=digest,
                            jti=jti, link_hash=sha256_b64(chain.encode("ascii")),
-                           kid=record.kid, detail={"sub": req.sub, "exp": exp})
+                           kid=record.kid, sub=req.sub, detail={"exp": exp})
         self._state.record_issued(IssuedLink(jti, caller, req.sub, record.kid, exp, chain,
                                              digest, req.idempotency_key))
         return Issued(chain, jti, record.kid, exp, False)
