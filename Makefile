@@ -23,7 +23,7 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
 typecheck: $(VENV)/.installed
-	$(PY) -m mypy verifier_sdk signer tests bench scripts
+	$(PY) -m mypy verifier_sdk signer softhsm tests bench scripts
 
 protocheck: $(VENV)/.installed
 	$(PY) scripts/gen_protos.py --check
