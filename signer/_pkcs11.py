@@ -762,3 +762,23 @@ class Pkcs11KeySigner:
 
     def __repr__(self) -> str:
         return f"Pkcs11KeySigner(kid={self.kid!r}, alg={self.alg!r}, {self._token!r})"
+
+
+class Pkcs11KeyStore:
+    """The daemon's KeyStore on a token: signers are looked up once and kept."""
+
+    def __init__(self, token: Pkcs11Token) -> None:
+        self.token = token
+        self._signers: dict[str, Pkcs11KeySigner] = {}
+        self._lock = threading.Lock()
+
+    def generate(self, kid: str, alg: str) -> Pkcs11KeySigner:
+        self.token.generate_key(kid, alg)
+        return self.signer(kid)
+
+    def signer(self, kid: str) -> Pkcs11KeySigner:
+        with self._lock:
+            found = self._signers.get(kid)
+            if found is None:
+                found = self._signers[kid] = self.token.signer(kid)
+            return found
