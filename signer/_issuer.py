@@ -124,14 +124,16 @@ class Issuer:
         return self._state.key_records()
 
     def active_key(self, now: int) -> KeyRecord:
-        """The newest key whose window has begun and not ended."""
+        """The key that signs now: the newest live key that is not retiring."""
         live = [
             k for k in self._state.key_records()
             if k.nbf <= now and (k.exp is None or now < k.exp)
         ]
         if not live:
             raise NotFound("no root key is active: generate one (mandate keys generate)")
-        return max(live, key=lambda k: (k.nbf, k.kid))
+        # A retiring key (given an end by a rotation) yields to its successor as
+        # soon as the successor's window has begun.
+        return max(live, key=lambda k: (k.exp is None, k.nbf, k.kid))
 
     def signer(self, kid: str) -> KeySigner:
         return self._keys.signer(kid)
