@@ -45,6 +45,11 @@ class Unavailable(SignerError):
     """A part the daemon needs (the HSM, the audit store) is down: fail closed."""
 
 
+class TimedOut(SignerError):
+    """The call ran out of time (its deadline or the server's cap) before the link
+    was recorded: nothing was issued."""
+
+
 class Exhausted(SignerError):
     """Too many calls in flight, or another bounded resource is used up."""
 

@@ -19,7 +19,14 @@ from verifier_sdk._encoding import canonical_json, sha256_b64
 from verifier_sdk._keys import ALGORITHMS, public_key_from_jwk
 from verifier_sdk._link import MAX_USE, check_jti, check_kid, check_principal
 
-from ._errors import InvalidRequest, NotAllowed, NotFound, PolicyDenied, Unauthenticated
+from ._errors import (
+    InvalidRequest,
+    NotAllowed,
+    NotFound,
+    PolicyDenied,
+    TimedOut,
+    Unauthenticated,
+)
 from ._keys import KeySigner, KeyStore
 from ._model import DelegateRequest
 from ._state import IssuedLink, KeyRecord, StateStore, StoredList
@@ -182,7 +189,13 @@ class Issuer:
 
     # --- delegation ----------------------------------------------------------
 
-    def delegate(self, caller: str, req: DelegateRequest) -> Issued:
+    def delegate(self, caller: str, req: DelegateRequest, *,
+                 deadline: float | None = None) -> Issued:
+        """Sign a root link for ``caller``, or raise.
+
+        ``deadline`` (time.monotonic) is checked before the slow steps; once it
+        has passed, nothing more is done and nothing was issued (TimedOut).
+        """
         try:
             check_principal(caller, "caller identity")
         except ValueError as exc:
@@ -197,9 +210,15 @@ class Issuer:
                         "idempotency_key was used before for a different request"
                     )
                 return Issued(earlier.chain, earlier.jti, earlier.kid, earlier.exp, True)
-            return self._issue(caller, req, digest)
+            return self._issue(caller, req, digest, deadline)
 
-    def _issue(self, caller: str, req: DelegateRequest, digest: str) -> Issued:
+    @staticmethod
+    def _in_time(deadline: float | None, before: str) -> None:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimedOut(f"out of time before {before}: nothing was issued")
+
+    def _issue(self, caller: str, req: DelegateRequest, digest: str,
+               deadline: float | None) -> Issued:
         now = int(self._clock())
         try:
             grant = self.policy.evaluate(caller, req)
@@ -209,6 +228,7 @@ class Issuer:
             self._audit.append("deny", caller=caller, decision="deny", reason=denial.reason,
                                request_digest=digest, sub=req.sub)
             raise
+        self._in_time(deadline, "signing")
         signer = self._keys.signer(record.kid)
         jti = new_jti()
         try:
@@ -220,6 +240,7 @@ class Issuer:
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         exp = now + req.ttl
+        self._in_time(deadline, "recording the link")
         # (audit) Durable before the link leaves: if this raises, nobody gets it.
         self._audit.append("delegate", caller=caller, decision="allow", request_digest=digest,
                            jti=jti, link_hash=sha256_b64(chain.encode("ascii")),

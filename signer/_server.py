@@ -179,7 +179,7 @@ class Daemon:
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs, options=options,
         )
         pb_grpc.add_SignerServicer_to_server(
-            SignerService(self.issuer), server
+            SignerService(self.issuer, time_limit_s=cfg.rpc_time_limit_s), server
         )
         pb_grpc.add_SignerAdminServicer_to_server(
             SignerAdminService(self.issuer, max_link_ttl_s=self.max_link_ttl(),

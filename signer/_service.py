@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -23,6 +24,7 @@ from ._errors import (
     NotFound,
     PolicyDenied,
     SignerError,
+    TimedOut,
     Unauthenticated,
     Unavailable,
 )
@@ -45,6 +47,7 @@ STATUS_OF: dict[type[SignerError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Exhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TimedOut: grpc.StatusCode.DEADLINE_EXCEEDED,
     ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
@@ -172,15 +175,24 @@ def _list_to_proto(published: PublishedList) -> pb.RevocationList:
 
 # --- servicers -------------------------------------------------------------------
 
+def call_deadline(context: grpc.ServicerContext, cap_s: float) -> float:
+    """time.monotonic() deadline: the client's, or the server's cap if sooner."""
+    remaining = context.time_remaining()
+    budget = cap_s if remaining is None else min(cap_s, remaining)
+    return time.monotonic() + budget
+
+
 class SignerService(pb_grpc.SignerServicer):
-    def __init__(self, issuer: Issuer) -> None:
+    def __init__(self, issuer: Issuer, *, time_limit_s: float = 5.0) -> None:
         self._issuer = issuer
+        self._time_limit_s = time_limit_s
 
     @_handled
     def Delegate(self, request: pb.DelegateRequest,
                  context: grpc.ServicerContext) -> pb.DelegateResponse:
         caller = caller_identity(context)
-        issued = self._issuer.delegate(caller, delegate_from_proto(request))
+        issued = self._issuer.delegate(caller, delegate_from_proto(request),
+                                       deadline=call_deadline(context, self._time_limit_s))
         log.info("delegate caller=%s sub=%s jti=%s replay=%s", caller, request.sub,
                  issued.jti, issued.idempotent_replay)
         return pb.DelegateResponse(chain=issued.chain, jti=issued.jti, kid=issued.kid,

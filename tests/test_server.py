@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent import futures
@@ -393,5 +394,29 @@ def test_the_concurrency_limit_answers_resource_exhausted(hsm: SoftHsm, tmp_path
         stub.Delegate(delegate_request(Holder.generate()), timeout=10)
     finally:
         release.set()
+        signer.sign = original  # type: ignore[method-assign]
+        running.daemon.stop(grace=1)
+
+
+def test_a_call_over_the_server_time_cap_issues_nothing(hsm: SoftHsm, tmp_path: Path) -> None:
+    running = start_daemon(hsm, tmp_path, TestCA(), rpc_time_limit_s=0.3)
+    signer = running.daemon.issuer.signer(running.daemon.issuer.keyring()[0].kid)
+    original = signer.sign
+
+    def slow_sign(data: bytes) -> bytes:
+        time.sleep(0.6)
+        return original(data)
+
+    try:
+        stub = running.stub()
+        signer.sign = slow_sign  # type: ignore[method-assign]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Delegate(delegate_request(Holder.generate()), timeout=10)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert running.daemon.audit.records(event="delegate") == []
+        signer.sign = original  # type: ignore[method-assign]
+        stub.Delegate(delegate_request(Holder.generate()), timeout=10)  # the twin: in time
+        assert len(running.daemon.audit.records(event="delegate")) == 1
+    finally:
         signer.sign = original  # type: ignore[method-assign]
         running.daemon.stop(grace=1)
