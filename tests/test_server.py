@@ -27,6 +27,7 @@ from tls_fixtures import TestCA
 
 from signer._audit import read_records, verify_log
 from signer._config import load_config
+from signer._errors import Unavailable
 from signer._proto.mandate.v1 import signer_pb2 as pb
 from signer._proto.mandate.v1 import signer_pb2_grpc as pb_grpc
 from signer._server import Daemon
@@ -420,3 +421,75 @@ def test_a_call_over_the_server_time_cap_issues_nothing(hsm: SoftHsm, tmp_path: 
     finally:
         signer.sign = original  # type: ignore[method-assign]
         running.daemon.stop(grace=1)
+
+
+def _health(env: Env) -> int:
+    stub = health_pb2_grpc.HealthStub(env.channel(ORCH))
+    return int(stub.Check(health_pb2.HealthCheckRequest(service="mandate.v1.Signer"),
+                          timeout=10).status)
+
+
+def test_while_the_hsm_is_down_health_is_not_serving_and_calls_fail_fast(env: Env) -> None:
+    signer = env.daemon.issuer.signer(env.daemon.issuer.keyring()[0].kid)
+    original = signer.sign
+
+    def down(data: bytes) -> bytes:
+        raise Unavailable("token not present")
+
+    try:
+        signer.sign = down  # type: ignore[method-assign]
+        env.daemon._hsm_health(False)  # what the token's health callback reports
+        assert _health(env) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            env.stub().Delegate(delegate_request(Holder.generate()), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert env.daemon.audit.records(event="delegate") == []
+    finally:
+        signer.sign = original  # type: ignore[method-assign]
+    env.daemon._hsm_health(True)
+    assert _health(env) == health_pb2.HealthCheckResponse.SERVING
+    env.stub().Delegate(delegate_request(Holder.generate()), timeout=10)
+
+
+def test_a_message_over_the_size_limit_is_refused(env: Env) -> None:
+    big = delegate_request(Holder.generate(), sub="agent:support/" + "x" * 70_000)
+    with pytest.raises(grpc.RpcError) as err:
+        env.stub().Delegate(big, timeout=10)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert env.daemon.audit.records(event="delegate") == []
+
+
+def test_stop_finishes_calls_in_flight_refuses_new_ones_and_flushes_the_log(
+        hsm: SoftHsm, tmp_path: Path) -> None:
+    running = start_daemon(hsm, tmp_path, TestCA())
+    inside, release = threading.Event(), threading.Event()
+    signer = running.daemon.issuer.signer(running.daemon.issuer.keyring()[0].kid)
+    original = signer.sign
+
+    def slow_sign(data: bytes) -> bytes:
+        inside.set()
+        release.wait(10)
+        return original(data)
+
+    signer.sign = slow_sign  # type: ignore[method-assign]
+    stub = running.stub()
+    try:
+        with futures.ThreadPoolExecutor(2) as pool:
+            in_flight = pool.submit(stub.Delegate, delegate_request(Holder.generate()),
+                                    timeout=20)
+            assert inside.wait(10)
+            stopping = pool.submit(running.daemon.stop, 10)
+            time.sleep(0.2)  # the server has stopped accepting by now
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Delegate(delegate_request(Holder.generate()), timeout=5)
+            release.set()
+            reply = in_flight.result(timeout=20)
+            stopping.result(timeout=20)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        release.set()
+        signer.sign = original  # type: ignore[method-assign]
+        running.daemon.stop(grace=1)
+    events = [(r.event, r.jti) for r in read_records(tmp_path / "state" / "audit.db")]
+    assert ("delegate", reply.jti) in events
+    assert events[-1][0] == "stop"
