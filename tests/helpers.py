@@ -9,12 +9,23 @@ they describe.
 from __future__ import annotations
 
 import base64
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from verifier_sdk import Holder, Request, TrustBundle, Verifier, issue_root
+from verifier_sdk import (
+    Decision,
+    Holder,
+    Request,
+    TrustBundle,
+    Verifier,
+    decode_unverified,
+    issue_root,
+    make_pop,
+    new_jti,
+)
 from verifier_sdk._encoding import sha256_b64
 
 NOW = 1_800_000_000  # a fixed clock: 2027-01-15
@@ -125,3 +136,69 @@ class World:
 
 
 REFUND = Request("api/payments/refunds/o-123", "post", {"amount": 4999})
+
+
+# --- tampering with chains --------------------------------------------------------
+# Shared by the error-code and attack tables: build a chain, change one link,
+# and re-sign what follows so that only the intended defect remains.
+
+
+def unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def signers(world: World) -> tuple[Holder, Holder, Holder]:
+    """Who signs links 0, 1 and 2 of chain3."""
+    return world.root, world.a, world.b
+
+
+def claims(chain: str, index: int) -> dict[str, Any]:
+    """A copy of link ``index``'s payload (decoded, not verified)."""
+    return copy.deepcopy(decode_unverified(chain)[index][1])
+
+
+def header_of(chain: str, index: int) -> dict[str, Any]:
+    return copy.deepcopy(decode_unverified(chain)[index][0])
+
+
+def pop_for(world: World, chain: str, holder: Holder | None = None, req: Request = REFUND,
+            *, aud: str = AUD, iat: int | None = None, ath: str | None = None) -> str:
+    """A PoP by ``holder`` (default: the leaf holder of a prefix of chain3) over the
+    chain's last token as sent, built without decoding the chain."""
+    holder = holder or (world.a, world.b, world.c)[chain.count("~")]
+    return make_pop(
+        alg=holder.alg, sign=holder.sign,
+        leaf_hash=ath or link_hash(chain.rsplit("~", 1)[-1]), request=req, aud=aud,
+        iat=int(world.now) if iat is None else iat, jti=new_jti(),
+    )
+
+
+def use(world: World, chain: str, req: Request = REFUND, *, verifier: Verifier | None = None,
+        pop: str | None = None, holder: Holder | None = None) -> Decision:
+    verifier = verifier or world.verifier()
+    return verifier.verify(chain, req, pop=pop or pop_for(world, chain, holder, req))
+
+
+def relink(world: World, chain: str, index: int, token: str) -> str:
+    """Put ``token`` at ``index``; re-sign the later links so each prv names its parent."""
+    tokens = chain.split("~")
+    decoded = decode_unverified(chain)
+    tokens[index] = token
+    for j in range(index + 1, len(tokens)):
+        header, payload = copy.deepcopy(decoded[j])
+        payload["prv"] = link_hash(tokens[j - 1])
+        tokens[j] = forge(header, payload, signers(world)[j].sign)
+    return "~".join(tokens)
+
+
+def reforge(world: World, chain: str, index: int, *, header: dict[str, Any] | None = None,
+            drop: tuple[str, ...] = (), sign: Callable[[bytes], bytes] | None = None,
+            **changes: Any) -> str:
+    """Link ``index`` with ``changes`` (and without ``drop``), signed by its legitimate
+    signer unless ``sign``; later links re-signed to follow it."""
+    head, payload = header_of(chain, index), claims(chain, index)
+    head.update(header or {})
+    payload.update(changes)
+    for name in drop:
+        del payload[name]
+    return relink(world, chain, index, forge(head, payload, sign or signers(world)[index].sign))

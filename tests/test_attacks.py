@@ -7,8 +7,6 @@ VerificationError fails the row.
 
 from __future__ import annotations
 
-import base64
-import copy
 import hashlib
 import hmac
 import json
@@ -23,18 +21,32 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from helpers import AUD, NOW, REFUND, ROOT_KID, World, b64, forge, jbytes, link_hash
+from helpers import (
+    AUD,
+    NOW,
+    REFUND,
+    ROOT_KID,
+    World,
+    b64,
+    claims,
+    forge,
+    header_of,
+    jbytes,
+    pop_for,
+    reforge,
+    relink,
+    signers,
+    unb64,
+    use,
+)
 
 from verifier_sdk import (
     Decision,
     Holder,
     Request,
     VerificationError,
-    Verifier,
     decode_unverified,
-    make_pop,
     make_revocation_list,
-    new_jti,
 )
 
 # Group orders: Ed25519 (L) and P-256 (n).
@@ -50,63 +62,10 @@ Edit = Callable[[World, str], str]
 # --- building blocks ---------------------------------------------------------
 
 
-def unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def signers(world: World) -> tuple[Holder, Holder, Holder]:
-    """Who signs links 0, 1 and 2 of chain3."""
-    return world.root, world.a, world.b
-
-
 def all_ed25519(world: World) -> World:
     """The same world with b on Ed25519, so misplaced links fail on kid, not alg."""
     world.b = Holder.generate()
     return world
-
-
-def claims(chain: str, index: int) -> dict[str, Any]:
-    return copy.deepcopy(decode_unverified(chain)[index][1])
-
-
-def header_of(chain: str, index: int) -> dict[str, Any]:
-    return copy.deepcopy(decode_unverified(chain)[index][0])
-
-
-def pop_for(world: World, chain: str, holder: Holder | None = None, req: Request = REFUND,
-            *, aud: str = AUD) -> str:
-    """A PoP by ``holder`` (default c, chain3's leaf) over the chain's last token as sent."""
-    holder = holder or world.c
-    return make_pop(alg=holder.alg, sign=holder.sign,
-                    leaf_hash=link_hash(chain.rsplit("~", 1)[-1]), request=req, aud=aud,
-                    iat=int(world.now), jti=new_jti())
-
-
-def use(world: World, chain: str, req: Request = REFUND, *, verifier: Verifier | None = None,
-        pop: str | None = None, holder: Holder | None = None) -> Decision:
-    verifier = verifier or world.verifier()
-    return verifier.verify(chain, req, pop=pop or pop_for(world, chain, holder, req))
-
-
-def relink(world: World, chain: str, index: int, token: str) -> str:
-    """Put ``token`` at ``index``; re-sign the later links so each prv names its parent."""
-    tokens = chain.split("~")
-    decoded = decode_unverified(chain)
-    tokens[index] = token
-    for j in range(index + 1, len(tokens)):
-        header, payload = copy.deepcopy(decoded[j])
-        payload["prv"] = link_hash(tokens[j - 1])
-        tokens[j] = forge(header, payload, signers(world)[j].sign)
-    return "~".join(tokens)
-
-
-def reforge(world: World, chain: str, index: int, *, header: dict[str, Any] | None = None,
-            sign: Callable[[bytes], bytes] | None = None, **changes: Any) -> str:
-    """Link ``index`` with ``changes``, signed by its legitimate signer unless ``sign``."""
-    head, payload = header_of(chain, index), claims(chain, index)
-    head.update(header or {})
-    payload.update(changes)
-    return relink(world, chain, index, forge(head, payload, sign or signers(world)[index].sign))
 
 
 def raw(index: int, payload: Callable[[bytes], bytes] | None = None,
@@ -180,7 +139,7 @@ def on_chain3(edit: Edit, *, prepare: Callable[[World], World] | None = None) ->
         if prepare:
             world = prepare(world)
         chain = world.chain3()
-        return use(world, edit(world, chain) if bad else chain)
+        return use(world, edit(world, chain) if bad else chain, holder=world.c)
     return attempt
 
 
@@ -472,7 +431,7 @@ def truncated_last(world: World, bad: bool) -> Decision:
     chain = world.chain3()
     if bad:
         chain = chain.rsplit("~", 1)[0]
-    return use(world, chain)
+    return use(world, chain, holder=world.c)
 
 
 STRUCTURE_ROWS = [

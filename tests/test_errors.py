@@ -6,7 +6,6 @@ a message naming that link; untampered (its twin), the same steps must verify.
 
 from __future__ import annotations
 
-import base64
 import copy
 import hashlib
 import hmac
@@ -16,7 +15,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from helpers import AUD, NOW, REFUND, REFUND_CAP, ROOT_KID, World, b64, forge, jbytes, link_hash
+from helpers import (
+    AUD,
+    NOW,
+    REFUND,
+    REFUND_CAP,
+    ROOT_KID,
+    World,
+    b64,
+    claims,
+    forge,
+    jbytes,
+    link_hash,
+    pop_for,
+    reforge,
+    relink,
+    unb64,
+    use,
+)
 
 from verifier_sdk import (
     CODES,
@@ -26,8 +42,6 @@ from verifier_sdk import (
     TrustBundle,
     VerificationError,
     Verifier,
-    decode_unverified,
-    make_pop,
     make_revocation_list,
     new_jti,
 )
@@ -44,70 +58,11 @@ Attempt = Callable[[World, bool], Decision]
 # --- building blocks ---------------------------------------------------------
 
 
-def signers(world: World) -> tuple[Holder, Holder, Holder]:
-    """Who signs links 0, 1 and 2 of chain3."""
-    return world.root, world.a, world.b
-
-
-def leaf_holder(world: World, chain: str) -> Holder:
-    return (world.a, world.b, world.c)[chain.count("~")]
-
-
 def request_digest(req: Request, aud: str = AUD) -> str:
     """`req` of a PoP, computed from spec §5 rather than by the SDK."""
     canonical = {"act": req.act, "aud": aud, "ctx": dict(req.ctx), "res": req.res}
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return b64(hashlib.sha256(text.encode()).digest())
-
-
-def pop_for(world: World, chain: str, holder: Holder | None = None, req: Request = REFUND,
-            *, aud: str = AUD, iat: int | None = None, ath: str | None = None) -> str:
-    """A PoP signed by ``holder`` (default: the leaf's), built without decoding the chain."""
-    holder = holder or leaf_holder(world, chain)
-    return make_pop(
-        alg=holder.alg, sign=holder.sign,
-        leaf_hash=ath or link_hash(chain.rsplit("~", 1)[-1]), request=req, aud=aud,
-        iat=int(world.now) if iat is None else iat, jti=new_jti(),
-    )
-
-
-def use(world: World, chain: str, req: Request = REFUND, *, verifier: Verifier | None = None,
-        pop: str | None = None) -> Decision:
-    verifier = verifier or world.verifier()
-    return verifier.verify(chain, req, pop=pop or pop_for(world, chain, req=req))
-
-
-def relink(world: World, chain: str, index: int, token: str) -> str:
-    """Put ``token`` at ``index``; re-sign the later links so each prv names its parent."""
-    tokens = chain.split("~")
-    decoded = decode_unverified(chain)
-    tokens[index] = token
-    for j in range(index + 1, len(tokens)):
-        header, payload = copy.deepcopy(decoded[j])
-        payload["prv"] = link_hash(tokens[j - 1])
-        tokens[j] = forge(header, payload, signers(world)[j].sign)
-    return "~".join(tokens)
-
-
-def reforge(world: World, chain: str, index: int, *, header: dict[str, Any] | None = None,
-            drop: tuple[str, ...] = (), sign: Callable[[bytes], bytes] | None = None,
-            **changes: Any) -> str:
-    """Link ``index`` with ``changes``, signed by its legitimate signer unless ``sign``."""
-    head, payload = copy.deepcopy(decode_unverified(chain)[index])
-    head.update(header or {})
-    payload.update(changes)
-    for name in drop:
-        del payload[name]
-    token = forge(head, payload, sign or signers(world)[index].sign)
-    return relink(world, chain, index, token)
-
-
-def claims(chain: str, index: int) -> dict[str, Any]:
-    return decode_unverified(chain)[index][1]
-
-
-def unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def flip_signature(token: str) -> str:
