@@ -9,8 +9,9 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -368,58 +369,68 @@ def test_health_and_reflection(env: Env) -> None:
     assert {"mandate.v1.Signer", "mandate.v1.SignerAdmin", "grpc.health.v1.Health"} <= names
 
 
+@contextmanager
+def inside_the_hsm(daemon: Daemon, action: Callable[[], None]) -> Iterator[None]:
+    """Run ``action`` at the start of every signature the daemon asks of the HSM
+    (to hold calls in flight, slow them, or make the token fail)."""
+    signer = daemon.issuer.signer(daemon.issuer.keyring()[0].kid)
+    original = signer.sign
+
+    def sign(data: bytes) -> bytes:
+        action()
+        return original(data)
+
+    signer.sign = sign  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        signer.sign = original  # type: ignore[method-assign]
+
+
+class Gate:
+    """Holds signatures until released; tells when one is waiting."""
+
+    def __init__(self) -> None:
+        self.inside, self.released = threading.Event(), threading.Event()
+
+    def __call__(self) -> None:
+        self.inside.set()
+        self.released.wait(10)
+
+
 def test_the_concurrency_limit_answers_resource_exhausted(hsm: SoftHsm, tmp_path: Path
                                                           ) -> None:
     running = start_daemon(hsm, tmp_path, TestCA(), max_concurrent_rpcs=1)
-    inside, release = threading.Event(), threading.Event()
-    signer = running.daemon.issuer.signer(running.daemon.issuer.keyring()[0].kid)
-    original = signer.sign
-
-    def slow_sign(data: bytes) -> bytes:
-        inside.set()
-        release.wait(10)
-        return original(data)
-
+    gate = Gate()
+    stub = running.stub()
     try:
-        signer.sign = slow_sign  # type: ignore[method-assign]
-        stub = running.stub()
-        with futures.ThreadPoolExecutor(1) as pool:
+        with inside_the_hsm(running.daemon, gate), futures.ThreadPoolExecutor(1) as pool:
             first = pool.submit(stub.Delegate, delegate_request(Holder.generate()), timeout=20)
-            assert inside.wait(10), "the first call never reached the HSM"
+            assert gate.inside.wait(10), "the first call never reached the HSM"
             with pytest.raises(grpc.RpcError) as err:
                 stub.Delegate(delegate_request(Holder.generate()), timeout=5)
-            release.set()
+            gate.released.set()
             assert first.result(timeout=20).chain
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         # With the slot free again, calls are served.
         stub.Delegate(delegate_request(Holder.generate()), timeout=10)
     finally:
-        release.set()
-        signer.sign = original  # type: ignore[method-assign]
+        gate.released.set()
         running.daemon.stop(grace=1)
 
 
 def test_a_call_over_the_server_time_cap_issues_nothing(hsm: SoftHsm, tmp_path: Path) -> None:
     running = start_daemon(hsm, tmp_path, TestCA(), rpc_time_limit_s=0.3)
-    signer = running.daemon.issuer.signer(running.daemon.issuer.keyring()[0].kid)
-    original = signer.sign
-
-    def slow_sign(data: bytes) -> bytes:
-        time.sleep(0.6)
-        return original(data)
-
+    stub = running.stub()
     try:
-        stub = running.stub()
-        signer.sign = slow_sign  # type: ignore[method-assign]
-        with pytest.raises(grpc.RpcError) as err:
+        with inside_the_hsm(running.daemon, lambda: time.sleep(0.6)), \
+                pytest.raises(grpc.RpcError) as err:
             stub.Delegate(delegate_request(Holder.generate()), timeout=10)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert running.daemon.audit.records(event="delegate") == []
-        signer.sign = original  # type: ignore[method-assign]
         stub.Delegate(delegate_request(Holder.generate()), timeout=10)  # the twin: in time
         assert len(running.daemon.audit.records(event="delegate")) == 1
     finally:
-        signer.sign = original  # type: ignore[method-assign]
         running.daemon.stop(grace=1)
 
 
@@ -429,23 +440,18 @@ def _health(env: Env) -> int:
                           timeout=10).status)
 
 
+def _token_gone() -> None:
+    raise Unavailable("token not present")
+
+
 def test_while_the_hsm_is_down_health_is_not_serving_and_calls_fail_fast(env: Env) -> None:
-    signer = env.daemon.issuer.signer(env.daemon.issuer.keyring()[0].kid)
-    original = signer.sign
-
-    def down(data: bytes) -> bytes:
-        raise Unavailable("token not present")
-
-    try:
-        signer.sign = down  # type: ignore[method-assign]
+    with inside_the_hsm(env.daemon, _token_gone):
         env.daemon._hsm_health(False)  # what the token's health callback reports
         assert _health(env) == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(grpc.RpcError) as err:
             env.stub().Delegate(delegate_request(Holder.generate()), timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert env.daemon.audit.records(event="delegate") == []
-    finally:
-        signer.sign = original  # type: ignore[method-assign]
     env.daemon._hsm_health(True)
     assert _health(env) == health_pb2.HealthCheckResponse.SERVING
     env.stub().Delegate(delegate_request(Holder.generate()), timeout=10)
@@ -462,33 +468,23 @@ def test_a_message_over_the_size_limit_is_refused(env: Env) -> None:
 def test_stop_finishes_calls_in_flight_refuses_new_ones_and_flushes_the_log(
         hsm: SoftHsm, tmp_path: Path) -> None:
     running = start_daemon(hsm, tmp_path, TestCA())
-    inside, release = threading.Event(), threading.Event()
-    signer = running.daemon.issuer.signer(running.daemon.issuer.keyring()[0].kid)
-    original = signer.sign
-
-    def slow_sign(data: bytes) -> bytes:
-        inside.set()
-        release.wait(10)
-        return original(data)
-
-    signer.sign = slow_sign  # type: ignore[method-assign]
+    gate = Gate()
     stub = running.stub()
     try:
-        with futures.ThreadPoolExecutor(2) as pool:
+        with inside_the_hsm(running.daemon, gate), futures.ThreadPoolExecutor(2) as pool:
             in_flight = pool.submit(stub.Delegate, delegate_request(Holder.generate()),
                                     timeout=20)
-            assert inside.wait(10)
+            assert gate.inside.wait(10)
             stopping = pool.submit(running.daemon.stop, 10)
             time.sleep(0.2)  # the server has stopped accepting by now
             with pytest.raises(grpc.RpcError) as err:
                 stub.Delegate(delegate_request(Holder.generate()), timeout=5)
-            release.set()
+            gate.released.set()
             reply = in_flight.result(timeout=20)
             stopping.result(timeout=20)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
-        release.set()
-        signer.sign = original  # type: ignore[method-assign]
+        gate.released.set()
         running.daemon.stop(grace=1)
     events = [(r.event, r.jti) for r in read_records(tmp_path / "state" / "audit.db")]
     assert ("delegate", reply.jti) in events
