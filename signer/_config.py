@@ -6,6 +6,7 @@ environment variable or the file the config names.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -86,11 +87,11 @@ def _section(cls: type[Any], data: Any, name: str, base: Path) -> Any:
                 raise ConfigError(f"config: [{name}] {key} must be true or false")
             values[key] = value
         elif isinstance(default, int):
-            if type(value) is not int or value < 0:
-                raise ConfigError(f"config: [{name}] {key} must be a non-negative integer")
+            if type(value) is not int or value < 1:
+                raise ConfigError(f"config: [{name}] {key} must be a positive integer")
             values[key] = value
         elif isinstance(default, float):
-            if type(value) not in (int, float) or value <= 0:
+            if type(value) not in (int, float) or not 0 < value < math.inf:
                 raise ConfigError(f"config: [{name}] {key} must be a positive number")
             values[key] = float(value)
         else:
@@ -107,6 +108,8 @@ def load_config(path: str | Path) -> Config:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path}: {exc}") from None
     base = path.resolve().parent

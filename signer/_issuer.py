@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -121,7 +122,8 @@ class Issuer:
         self._list_issuer = list_issuer
         self._list_ttl_s = list_ttl_s
         self._clock = clock
-        self._idempotency_locks: dict[tuple[str, str], threading.Lock] = {}
+        # (caller, key) → [lock, users]: one lock per key while anyone holds or awaits it.
+        self._idempotency_locks: dict[tuple[str, str], list[Any]] = {}
         self._idempotency_guard = threading.Lock()
         self._list_lock = threading.Lock()
 
@@ -222,7 +224,10 @@ class Issuer:
         now = int(self._clock())
         try:
             grant = self.policy.evaluate(caller, req)
-            record = self._signing_key(grant.key, now, req.ttl)
+            # The grant's key if it names one (the policy refused any other), else
+            # the key the request names, else the active key.
+            record = self._signing_key(grant.key if grant.key is not None else req.key,
+                                       now, req.ttl)
         except PolicyDenied as denial:
             # The denial is answered only once its record is durable.
             self._audit.append("deny", caller=caller, decision="deny", reason=denial.reason,
@@ -264,16 +269,21 @@ class Issuer:
             )
         return record
 
-    def _idempotency_lock(self, caller: str, key: str) -> threading.Lock:
+    @contextmanager
+    def _idempotency_lock(self, caller: str, key: str) -> Iterator[None]:
+        """Serialise requests with one idempotency key; the entry lives while used."""
+        name = (caller, key)
         with self._idempotency_guard:
-            lock = self._idempotency_locks.get((caller, key))
-            if lock is None:
-                if len(self._idempotency_locks) > 10_000:
-                    self._idempotency_locks = {
-                        k: v for k, v in self._idempotency_locks.items() if v.locked()
-                    }
-                lock = self._idempotency_locks[(caller, key)] = threading.Lock()
-            return lock
+            entry = self._idempotency_locks.setdefault(name, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._idempotency_guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._idempotency_locks[name]
 
     # --- revocation ----------------------------------------------------------
 
@@ -296,22 +306,21 @@ class Issuer:
         if not entries:
             raise InvalidRequest("no jti to revoke")
         now = int(self._clock())
-        self._audit.append("revoke", caller=caller, decision="ok", reason=reason[:200],
-                           detail={"jtis": ",".join(j for j, _ in entries)})
+        for jti, _ in entries:  # one record per link, so `audit show --jti` finds it
+            self._audit.append("revoke", caller=caller, decision="ok", reason=reason[:200],
+                               jti=jti)
         self._state.revoke(entries, by=caller, reason=reason[:200], now=now)
         return self._publish(now)
 
     def revocation_list(self) -> PublishedList:
         """The current list, re-signed with a higher seq once half its life is gone."""
-        now = int(self._clock())
-        stored = self._state.revocation_list()
-        if stored is not None and now < stored.exp - self._list_ttl_s // 2:
-            return PublishedList(stored.token, stored.seq, stored.exp)
-        return self._publish(now)
+        return self._publish(int(self._clock()), only_if_stale=True)
 
-    def _publish(self, now: int) -> PublishedList:
+    def _publish(self, now: int, *, only_if_stale: bool = False) -> PublishedList:
         with self._list_lock:
             stored = self._state.revocation_list()
+            if only_if_stale and stored is not None and now < (stored.iat + stored.exp) // 2:
+                return PublishedList(stored.token, stored.seq, stored.exp)
             seq = 0 if stored is None else stored.seq + 1
             record = self.active_key(now)
             signer = self._keys.signer(record.kid)
@@ -323,5 +332,5 @@ class Issuer:
                 seq=seq, iat=now, exp=exp,
                 revoked=self._state.revoked_jtis(live_after=now - REVOCATION_MARGIN_S),
             )
-            self._state.save_revocation_list(StoredList(seq, token, exp))
+            self._state.save_revocation_list(StoredList(seq, token, now, exp))
             return PublishedList(token, seq, exp)

@@ -258,7 +258,8 @@ class Daemon:
             self._server.stop(self.config.server.shutdown_grace_s if grace is None else grace
                               ).wait()
         try:
-            self.audit.append("stop", caller="daemon", decision="ok")
+            if self._server is not None:  # a daemon that served says it stopped
+                self.audit.append("stop", caller="daemon", decision="ok")
         finally:
             self.audit.close()
             self.state.close()

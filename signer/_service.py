@@ -3,9 +3,11 @@ table from domain errors to status codes. No issuance logic lives here."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -64,6 +66,18 @@ def status_for(error: SignerError) -> status_pb2.Status:
     return status
 
 
+def _loopback_peer(peer: str) -> bool:
+    """``ipv4:127.0.0.1:5000``, ``ipv6:%5B::1%5D:5000`` (or unescaped), ``unix:...``."""
+    kind, _, address = peer.partition(":")
+    if kind == "unix":
+        return True
+    host = urllib.parse.unquote(address).rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def caller_identity(context: grpc.ServicerContext) -> str:
     """The verified client certificate's URI SAN (e.g. a SPIFFE ID), else its CN.
 
@@ -74,9 +88,8 @@ def caller_identity(context: grpc.ServicerContext) -> str:
     auth = context.auth_context()
     pem = auth.get("x509_pem_cert")
     if not pem:
-        if context.peer().startswith(("ipv4:127.", "ipv6:[::1]", "unix:")) and not auth.get(
-            "transport_security_type"
-        ):
+        plaintext = auth.get("transport_security_type") in (None, [b"insecure"])
+        if plaintext and _loopback_peer(context.peer()):
             return "local:insecure"
         raise Unauthenticated("no verified client certificate")
     cert = x509.load_pem_x509_certificate(pem[0])

@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS revoked (
 );
 CREATE TABLE IF NOT EXISTS revocation_list (
     id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, token TEXT NOT NULL,
-    exp INTEGER NOT NULL
+    iat INTEGER NOT NULL, exp INTEGER NOT NULL
 );
 """
 
@@ -68,6 +68,7 @@ class IssuedLink:
 class StoredList:
     seq: int
     token: str
+    iat: int
     exp: int
 
 
@@ -184,16 +185,17 @@ class StateStore:
         return [str(r[0]) for r in rows]
 
     def revocation_list(self) -> StoredList | None:
-        rows = self._query("SELECT seq, token, exp FROM revocation_list WHERE id = 1")
+        rows = self._query("SELECT seq, token, iat, exp FROM revocation_list WHERE id = 1")
         if not rows:
             return None
-        seq, token, exp = rows[0]
-        return StoredList(int(seq), str(token), int(exp))
+        seq, token, iat, exp = rows[0]
+        return StoredList(int(seq), str(token), int(iat), int(exp))
 
     def save_revocation_list(self, stored: StoredList) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO revocation_list VALUES (1, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
-                "SET seq = excluded.seq, token = excluded.token, exp = excluded.exp",
-                (stored.seq, stored.token, stored.exp),
+                "INSERT INTO revocation_list VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
+                "SET seq = excluded.seq, token = excluded.token, iat = excluded.iat, "
+                "exp = excluded.exp",
+                (stored.seq, stored.token, stored.iat, stored.exp),
             )

@@ -9,14 +9,20 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 import softhsm
 from verifier_sdk import TrustBundle, VerificationError
@@ -58,38 +64,61 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
     pin = os.environ.get(args.pin_env, "")
     if not so_pin or not pin:
         raise CliError(f"set {args.so_pin_env} and {args.pin_env} to the SO and user PINs")
-    conf = softhsm.init_token(Path(args.dir), args.label, so_pin=so_pin, user_pin=pin)
+    # A second token with the same label makes the label ambiguous: the keys
+    # already in the first one could no longer be found by it.
+    if args.label in _token_labels(Path(args.dir)):
+        raise CliError(f"{args.dir} already holds a token labelled {args.label!r}")
+    try:
+        conf = softhsm.init_token(Path(args.dir), args.label, so_pin=so_pin, user_pin=pin)
+    except softhsm.SoftHsmError as exc:
+        raise CliError(str(exc)) from None
     print(f"SoftHSM2 token {args.label!r} initialised; export SOFTHSM2_CONF={conf}")
     return 0
 
 
-def _offline_daemon(args: argparse.Namespace) -> Daemon:
+def _token_labels(directory: Path) -> set[str]:
+    """Labels of the tokens already in a SoftHSM2 store directory (none if new)."""
+    conf = directory / softhsm.CONFIG_NAME
+    util = shutil.which("softhsm2-util")
+    if not conf.is_file() or util is None:
+        return set()
+    try:
+        done = subprocess.run(  # noqa: S603 - a fixed tool, arguments as a list
+            [util, "--show-slots"], env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+            capture_output=True, text=True, timeout=30, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise CliError("softhsm2-util --show-slots did not finish in 30 s") from None
+    return {line.split(":", 1)[1].strip() for line in done.stdout.splitlines()
+            if line.strip().startswith("Label:")}
+
+
+@contextmanager
+def _offline_daemon(args: argparse.Namespace) -> Iterator[Daemon]:
     """The daemon's parts without the server: for provisioning commands."""
-    return Daemon(_config(args))
+    daemon = Daemon(_config(args))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
-    daemon = _offline_daemon(args)
-    try:
+    with _offline_daemon(args) as daemon:
         record = daemon.issuer.add_key(args.kid, args.alg, caller="cli")
-    finally:
-        daemon.stop()
     print(f"generated {record.alg} key {record.kid!r} in the HSM; in the bundle from {record.nbf}")
     return 0
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    daemon = _offline_daemon(args)
-    try:
+    with _offline_daemon(args) as daemon:
         keys = daemon.issuer.keyring()
         try:
-            active = daemon.issuer.active_key(int(daemon._clock())).kid
+            active = daemon.issuer.active_key(int(time.time())).kid
         except SignerError:
             active = None
         token = getattr(daemon.keys, "token", None)
         in_token = {k.label: k for k in token.list_keys()} if token is not None else {}
-    finally:
-        daemon.stop()
     for key in keys:
         mark = "*" if key.kid == active else " "
         exp = "-" if key.exp is None else str(key.exp)
@@ -100,22 +129,16 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    daemon = _offline_daemon(args)
-    try:
+    with _offline_daemon(args) as daemon:
         new, old = daemon.issuer.rotate(args.new_kid, args.alg, not_before=args.not_before,
                                         max_link_ttl_s=daemon.max_link_ttl(), caller="cli")
-    finally:
-        daemon.stop()
     print(f"new key {new.kid!r} signs from {new.nbf}; {old.kid!r} leaves the bundle at {old.exp}")
     return 0
 
 
 def cmd_keys_export_bundle(args: argparse.Namespace) -> int:
-    daemon = _offline_daemon(args)
-    try:
+    with _offline_daemon(args) as daemon:
         bundle = daemon.issuer.trust_bundle()
-    finally:
-        daemon.stop()
     TrustBundle.from_jwks(bundle)  # never export what a verifier would refuse
     _write(args.out, json.dumps(bundle, indent=2, sort_keys=True) + "\n")
     return 0
@@ -124,8 +147,11 @@ def cmd_keys_export_bundle(args: argparse.Namespace) -> int:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     bundle = TrustBundle.from_jwks(Path(args.bundle).read_text())
     report = verify_log(Path(args.log), bundle)
-    print(report.message)
-    return 0 if report.ok else EXIT_FAILED
+    if report.ok:
+        print(f"ok: {report.message}")
+        return 0
+    print(f"FAILED at seq {report.first_bad_seq} ({report.problem}): {report.message}")
+    return EXIT_FAILED
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
@@ -143,6 +169,9 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 def _channel(args: argparse.Namespace) -> grpc.Channel:
     if args.plaintext:
         return grpc.insecure_channel(args.server)
+    if not (args.ca and args.cert and args.key):
+        raise CliError("mutual TLS needs --ca, --cert and --key (or --plaintext for a "
+                       "loopback development server)")
     try:
         creds = grpc.ssl_channel_credentials(
             root_certificates=Path(args.ca).read_bytes(),
@@ -161,7 +190,23 @@ def _rpc(call: Callable[[], Any]) -> Any:
     except grpc.RpcError as exc:
         code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
         detail = exc.details() if hasattr(exc, "details") else str(exc)
+        reason = _denial_reason(exc)
+        if reason:
+            code = f"{code} ({reason})"
         raise CliError(f"{code}: {detail}") from None
+
+
+def _denial_reason(error: grpc.RpcError) -> str:
+    """The machine-readable reason a denial carries (google.rpc.ErrorInfo), if any."""
+    try:
+        status = rpc_status.from_call(error)
+    except (ValueError, AttributeError):  # a mismatched status, or not a call at all
+        return ""
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return ""
 
 
 def _scalar(value: Any) -> pb.Scalar:
@@ -347,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         text = exc.message if isinstance(exc, SignerError) else str(exc)
-        if isinstance(exc, ConfigError):
+        if isinstance(exc, ConfigError) and not text.startswith("config"):
             text = f"configuration: {text}"
         print(f"mandate: {text}", file=sys.stderr)
         return EXIT_FAILED
