@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from tls_fixtures import TestCA
 
 from signer._config import AuditConfig, HsmConfig, RevocationConfig, ServerConfig, load_config
+from signer._devpki import DevCA
 from signer._policy import Policy
 from signer.cli import build_parser
 from verifier_sdk import (
@@ -153,7 +153,7 @@ def make_site(root: Path, *, key: bool = True) -> Site:
     found = re.search(r"export SOFTHSM2_CONF=(\S+)$", site.init.stdout.strip())
     assert found, site.init.stdout
     env["SOFTHSM2_CONF"] = found.group(1)
-    ca = TestCA()
+    ca = DevCA()
     tls = root / "tls"
     tls.mkdir()
     (tls / "ca.pem").write_bytes(ca.pem)
@@ -511,3 +511,39 @@ def test_the_example_config_loads_and_documents_every_key() -> None:
             assert re.search(rf"^#? ?{f.name} = ", text, re.MULTILINE), f"{section}.{f.name}"
     assert "PIN" in text
     assert not re.search(r"^\s*pin\s*=", text, re.MULTILINE)  # no PIN value in the file
+
+
+# --- the provisioning script -----------------------------------------------------------------
+
+def test_the_provisioning_script_sets_up_a_daemon_that_delegates(tmp_path: Path) -> None:
+    root = tmp_path / "dev"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "provision.py"), str(root), "--port", "0"],
+        env=base_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    found = re.search(r"SOFTHSM2_CONF=(\S+)", done.stdout)
+    assert found, done.stdout
+    pin = (root / "secrets" / "hsm-pin").read_text().strip()
+    assert (root / "secrets" / "hsm-pin").stat().st_mode & 0o077 == 0
+    assert pin not in (root / "signer.toml").read_text()
+    bundle = TrustBundle.from_jwks((root / "bundle.json").read_text())
+    site = Site(root, {**base_env(), "SOFTHSM2_CONF": found.group(1)}, done)
+    holder = Holder.generate()
+    request = Request("db/orders/o-1", "select", {"customer": 42})
+    with Server(site) as server:
+        chain = site.ok(
+            "delegate", "--server", f"127.0.0.1:{server.port}", "--ca", "pki/ca.pem",
+            "--cert", "pki/orchestrator.pem", "--key", "pki/orchestrator.key",
+            "--sub", "agent:support/7", "--holder-jwk", json.dumps(holder.public_jwk),
+            "--cap", json.dumps({"res": "db/orders/o-1", "act": ["select"],
+                                 "if": {"customer": {"eq": 42}}}),
+            "--aud", "orders-db", "--ttl", "60",
+        ).strip()
+    verifier = Verifier(bundle, audience="orders-db")
+    verifier.verify(chain, request, pop=holder.prove(chain, request, aud="orders-db"))
+    # Its twin: another customer is outside what was delegated.
+    other = Request("db/orders/o-1", "select", {"customer": 43})
+    with pytest.raises(VerificationError) as err:
+        verifier.verify(chain, other, pop=holder.prove(chain, other, aud="orders-db"))
+    assert err.value.code == "denied"

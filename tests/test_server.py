@@ -24,10 +24,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from helpers import AUD
 from hsm_fixtures import SoftHsm, hsm
-from tls_fixtures import TestCA
 
 from signer._audit import read_records, verify_log
 from signer._config import load_config
+from signer._devpki import DevCA
 from signer._errors import Unavailable
 from signer._proto.mandate.v1 import signer_pb2 as pb
 from signer._proto.mandate.v1 import signer_pb2_grpc as pb_grpc
@@ -67,14 +67,14 @@ class Env:
 
     daemon: Daemon
     directory: Path
-    ca: TestCA
+    ca: DevCA
     config_path: Path
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.daemon.port}"
 
-    def channel(self, identity: str | None = ORCH, *, ca: TestCA | None = None,
+    def channel(self, identity: str | None = ORCH, *, ca: DevCA | None = None,
                 **issue: Any) -> grpc.Channel:
         root = self.ca.pem
         if identity is None:
@@ -107,7 +107,7 @@ def delegate_request(holder: Holder, **changes: Any) -> pb.DelegateRequest:
     return pb.DelegateRequest(**fields)
 
 
-def start_daemon(hsm: SoftHsm, directory: Path, ca: TestCA, *, key_alg: str = "EdDSA",
+def start_daemon(hsm: SoftHsm, directory: Path, ca: DevCA, *, key_alg: str = "EdDSA",
                  new_key: bool = True, **server: Any) -> Env:
     ca.issue(cn="mandate-signer", server=True).write(directory, "server")
     (directory / "ca.pem").write_bytes(ca.pem)
@@ -145,7 +145,7 @@ issuer = "mandate-signer-test"
 
 @pytest.fixture(params=["EdDSA", "ES256"])
 def env(request: pytest.FixtureRequest, hsm: SoftHsm, tmp_path: Path) -> Iterator[Env]:
-    running = start_daemon(hsm, tmp_path, TestCA(), key_alg=request.param)
+    running = start_daemon(hsm, tmp_path, DevCA(), key_alg=request.param)
     yield running
     running.daemon.stop(grace=1)
 
@@ -228,7 +228,7 @@ def test_clients_without_a_valid_certificate_are_refused(env: Env, client: str) 
     if client == "no-certificate":
         channel = env.channel(None)
     elif client == "other-ca":
-        channel = env.channel(ORCH, ca=TestCA("Someone Else's CA"))
+        channel = env.channel(ORCH, ca=DevCA("Someone Else's CA"))
     elif client == "expired":
         channel = env.channel(ORCH, valid_from=datetime.timedelta(hours=-3),
                               valid_for=datetime.timedelta(hours=1))
@@ -336,7 +336,7 @@ def test_concurrent_delegations_lose_and_duplicate_no_record(env: Env) -> None:
 
 
 def test_restart_continues_the_audit_chain_and_it_verifies(hsm: SoftHsm, tmp_path: Path) -> None:
-    ca = TestCA()
+    ca = DevCA()
     first = start_daemon(hsm, tmp_path, ca)
     first.stub().Delegate(delegate_request(Holder.generate()), timeout=10)
     bundle = first.bundle()
@@ -400,7 +400,7 @@ class Gate:
 
 def test_the_concurrency_limit_answers_resource_exhausted(hsm: SoftHsm, tmp_path: Path
                                                           ) -> None:
-    running = start_daemon(hsm, tmp_path, TestCA(), max_concurrent_rpcs=1)
+    running = start_daemon(hsm, tmp_path, DevCA(), max_concurrent_rpcs=1)
     gate = Gate()
     stub = running.stub()
     try:
@@ -420,7 +420,7 @@ def test_the_concurrency_limit_answers_resource_exhausted(hsm: SoftHsm, tmp_path
 
 
 def test_a_call_over_the_server_time_cap_issues_nothing(hsm: SoftHsm, tmp_path: Path) -> None:
-    running = start_daemon(hsm, tmp_path, TestCA(), rpc_time_limit_s=0.3)
+    running = start_daemon(hsm, tmp_path, DevCA(), rpc_time_limit_s=0.3)
     stub = running.stub()
     try:
         with inside_the_hsm(running.daemon, lambda: time.sleep(0.6)), \
@@ -467,7 +467,7 @@ def test_a_message_over_the_size_limit_is_refused(env: Env) -> None:
 
 def test_stop_finishes_calls_in_flight_refuses_new_ones_and_flushes_the_log(
         hsm: SoftHsm, tmp_path: Path) -> None:
-    running = start_daemon(hsm, tmp_path, TestCA())
+    running = start_daemon(hsm, tmp_path, DevCA())
     gate = Gate()
     stub = running.stub()
     try:

@@ -13,9 +13,9 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from tls_fixtures import TestCA
 
 from signer._config import load_config
+from signer._devpki import DevCA
 from signer._errors import (
     ConfigError,
     Exhausted,
@@ -209,7 +209,7 @@ def test_use_zero_is_kept_apart_from_no_use() -> None:
 
 # --- the caller's identity -----------------------------------------------------------
 
-CA = TestCA()
+CA = DevCA()
 URI = "spiffe://acme.example/svc/orchestrator"
 REMOTE = "ipv4:10.20.30.40:50123"
 LOOPBACK4 = "ipv4:127.0.0.1:50123"

@@ -1,4 +1,5 @@
-"""A throwaway certificate authority for mutual-TLS tests."""
+"""A throwaway certificate authority for development and tests: the server and
+client certificates mutual TLS needs, made in seconds. Never for production."""
 
 from __future__ import annotations
 
@@ -30,12 +31,11 @@ class Issued:
         return cert, key
 
 
-class TestCA:
+class DevCA:
     """A CA that issues server and client certificates (P-256, short-lived)."""
 
-    __test__ = False  # not a pytest class
-
-    def __init__(self, name: str = "Mandate Test CA") -> None:
+    def __init__(self, name: str = "Mandate Development CA",
+                 valid_for: datetime.timedelta = datetime.timedelta(days=1)) -> None:
         self._key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         now = datetime.datetime.now(datetime.UTC)
@@ -44,7 +44,7 @@ class TestCA:
             x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
             .public_key(self._key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            .not_valid_after(now + valid_for)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(
                 digital_signature=False, content_commitment=False, key_encipherment=False,
