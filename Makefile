@@ -36,6 +36,7 @@ unit: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/verify.py
+	$(PY) bench/delegate.py
 
 vectors: $(VENV)/.installed
 	$(PY) scripts/gen_vectors.py

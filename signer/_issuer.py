@@ -36,6 +36,7 @@ MAX_IDEMPOTENCY_KEY = 128
 # A revoked jti is kept in published lists until its link is surely dead
 # everywhere: its exp plus more than any verifier's leeway.
 REVOCATION_MARGIN_S = 300
+KEYRING_TTL_S = 1.0
 
 
 class Grant(Protocol):
@@ -126,16 +127,22 @@ class Issuer:
         self._idempotency_locks: dict[tuple[str, str], list[Any]] = {}
         self._idempotency_guard = threading.Lock()
         self._list_lock = threading.Lock()
+        self._keyring: tuple[float, list[KeyRecord]] | None = None  # (read at, records)
 
     # --- keys ----------------------------------------------------------------
 
     def keyring(self) -> list[KeyRecord]:
-        return self._state.key_records()
+        """The keyring, read again at most every KEYRING_TTL_S (another process, the
+        CLI, may rotate) and at once after a change made here."""
+        cached, now = self._keyring, time.monotonic()
+        if cached is None or now - cached[0] > KEYRING_TTL_S:
+            cached = self._keyring = (now, self._state.key_records())
+        return cached[1]
 
     def active_key(self, now: int) -> KeyRecord:
         """The key that signs now: the newest live key that is not retiring."""
         live = [
-            k for k in self._state.key_records()
+            k for k in self.keyring()
             if k.nbf <= now and (k.exp is None or now < k.exp)
         ]
         if not live:
@@ -149,7 +156,7 @@ class Issuer:
 
     def trust_bundle(self) -> dict[str, Any]:
         keys = []
-        for record in self._state.key_records():
+        for record in self.keyring():
             jwk: dict[str, Any] = {**self._keys.signer(record.kid).public_jwk,
                                    "kid": record.kid, "alg": record.alg, "use": "sig",
                                    "nbf": record.nbf}
@@ -171,6 +178,7 @@ class Issuer:
         record = KeyRecord(kid, alg, now if not_before is None else not_before, None)
         self._keys.generate(kid, alg)
         self._state.add_key(record)
+        self._keyring = None
         self._audit.append("key", caller=caller, decision="ok", reason="generated", kid=kid,
                            detail={"alg": alg, "nbf": record.nbf})
         return record
@@ -185,6 +193,7 @@ class Issuer:
         new = self.add_key(new_kid, alg, not_before=start, caller=caller)
         old_exp = start + max_link_ttl_s
         self._state.set_key_exp(previous.kid, old_exp)
+        self._keyring = None
         self._audit.append("key", caller=caller, decision="ok", reason="retiring",
                            kid=previous.kid, detail={"exp": old_exp, "successor": new_kid})
         return new, KeyRecord(previous.kid, previous.alg, previous.nbf, old_exp)
@@ -256,7 +265,7 @@ class Issuer:
 
     def _signing_key(self, kid: str | None, now: int, ttl: int) -> KeyRecord:
         record = self.active_key(now) if kid is None else next(
-            (k for k in self._state.key_records() if k.kid == kid), None
+            (k for k in self.keyring() if k.kid == kid), None
         )
         if record is None or record.nbf > now:
             raise PolicyDenied(
