@@ -50,9 +50,5 @@ class TimedOut(SignerError):
     was recorded: nothing was issued."""
 
 
-class Exhausted(SignerError):
-    """Too many calls in flight, or another bounded resource is used up."""
-
-
 class ConfigError(SignerError):
     """The configuration, the policy file or the key setup is wrong: refuse to start."""

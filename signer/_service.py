@@ -20,7 +20,6 @@ from grpc_status import rpc_status
 
 from ._errors import (
     ConfigError,
-    Exhausted,
     InvalidRequest,
     NotAllowed,
     NotFound,
@@ -48,7 +47,6 @@ STATUS_OF: dict[type[SignerError], grpc.StatusCode] = {
     NotAllowed: grpc.StatusCode.PERMISSION_DENIED,
     NotFound: grpc.StatusCode.NOT_FOUND,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
-    Exhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TimedOut: grpc.StatusCode.DEADLINE_EXCEEDED,
     ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
 }

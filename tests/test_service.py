@@ -18,7 +18,6 @@ from signer._config import load_config
 from signer._devpki import DevCA
 from signer._errors import (
     ConfigError,
-    Exhausted,
     InvalidRequest,
     NotAllowed,
     NotFound,
@@ -55,7 +54,6 @@ DOCUMENTED = {
     NotAllowed: grpc.StatusCode.PERMISSION_DENIED,
     NotFound: grpc.StatusCode.NOT_FOUND,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
-    Exhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TimedOut: grpc.StatusCode.DEADLINE_EXCEEDED,
     ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
 }
