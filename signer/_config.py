@@ -27,6 +27,8 @@ class ServerConfig:
     workers: int = 16
     rpc_time_limit_s: float = 5.0  # server-side cap on one call
     shutdown_grace_s: float = 10.0
+    metrics_listen: str = ""  # host:port of the Prometheus /metrics endpoint; empty: none
+    log_format: str = "json"  # `mandate serve` logs: "json" (one object per line) or "text"
 
 
 @dataclass(frozen=True, slots=True)

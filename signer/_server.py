@@ -21,8 +21,9 @@ from softhsm import SoftHsmError, find_module
 from ._audit import AuditLog
 from ._config import Config
 from ._errors import ConfigError, NotFound
-from ._issuer import Issuer
+from ._issuer import Audit, Issuer
 from ._keys import KeySigner, KeyStore
+from ._metrics import Metrics, parse_listen
 from ._pkcs11 import Pkcs11KeyStore, Pkcs11Token, pin_from_env, pin_from_file
 from ._policy import Policy
 from ._proto.mandate.v1 import signer_pb2 as pb
@@ -121,6 +122,13 @@ class Daemon:
         self._clock = clock
         self._health = health.HealthServicer()
         self._stopped = threading.Event()
+        # Metrics only when configured: otherwise no wrapper sits on the hot path.
+        self.metrics: Metrics | None = None
+        self._metrics_at: tuple[str, int] | None = None
+        if config.server.metrics_listen:
+            self._metrics_at = parse_listen(config.server.metrics_listen)
+            self.metrics = Metrics()
+        self.metrics_port = 0
         self.policy = Policy.load(config.policy_file)
         self.keys = key_store if key_store is not None else open_hsm(
             config, on_health_change=self._hsm_health
@@ -136,8 +144,16 @@ class Daemon:
             checkpoint_interval_s=config.audit.checkpoint_interval_s,
             commit_timeout_s=config.server.rpc_time_limit_s,
         )
-        self.issuer = Issuer(policy=self.policy, keys=self.keys, state=self.state,
-                             audit=self.audit, list_issuer=config.revocation.issuer,
+        keys: KeyStore = self.keys
+        audit: Audit = self.audit
+        if self.metrics is not None:
+            # The issuer (and through it the checkpoint key) signs and audits
+            # through metered wrappers; self.keys and self.audit stay the real ones.
+            keys, audit = self.metrics.key_store(keys), self.metrics.audit(audit)
+            token = getattr(self.keys, "token", None)
+            self.metrics.watch_hsm(lambda: token is None or bool(token.healthy))
+        self.issuer = Issuer(policy=self.policy, keys=keys, state=self.state,
+                             audit=audit, list_issuer=config.revocation.issuer,
                              list_ttl_s=config.revocation.list_ttl_s, clock=clock)
         checkpoint_key.issuer = self.issuer
         self._server: grpc.Server | None = None
@@ -179,11 +195,13 @@ class Daemon:
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs, options=options,
         )
         pb_grpc.add_SignerServicer_to_server(
-            SignerService(self.issuer, time_limit_s=cfg.rpc_time_limit_s), server
+            SignerService(self.issuer, time_limit_s=cfg.rpc_time_limit_s,
+                          metrics=self.metrics), server
         )
         pb_grpc.add_SignerAdminServicer_to_server(
             SignerAdminService(self.issuer, max_link_ttl_s=self.max_link_ttl(),
-                               checkpoints=self._checkpoints, clock=self._clock),
+                               checkpoints=self._checkpoints, clock=self._clock,
+                               metrics=self.metrics),
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -200,12 +218,22 @@ class Daemon:
             port = int(server.add_secure_port(cfg.listen, self._credentials()))
         if port == 0:
             raise ConfigError(f"cannot listen on {cfg.listen}")
+        if self.metrics is not None and self._metrics_at is not None:
+            try:
+                self.metrics_port = self.metrics.serve(*self._metrics_at)
+            except ConfigError:
+                server.stop(None)  # release the bound gRPC port
+                raise
+            host = self._metrics_at[0]
+            log.info("metrics on http://%s:%d/metrics (plain HTTP, no auth; no secrets in it)",
+                     f"[{host}]" if ":" in host else host, self.metrics_port,
+                     extra={"metrics_port": self.metrics_port})
         server.start()
         self._server, self.port = server, port
         self._set_serving(getattr(getattr(self.keys, "token", None), "healthy", True))
         threading.Thread(target=self._probe_loop, name="hsm-probe", daemon=True).start()
         self.audit.append("start", caller="daemon", decision="ok", detail={"port": port})
-        log.info("serving on port %d", port)
+        log.info("serving on port %d", port, extra={"port": port})
         return port
 
     def _credentials(self) -> grpc.ServerCredentials:
@@ -261,6 +289,8 @@ class Daemon:
             if self._server is not None:  # a daemon that served says it stopped
                 self.audit.append("stop", caller="daemon", decision="ok")
         finally:
+            if self.metrics is not None:
+                self.metrics.close()
             self.audit.close()
             self.state.close()
             token = getattr(self.keys, "token", None)

@@ -30,6 +30,7 @@ from ._errors import (
     Unavailable,
 )
 from ._issuer import Issuer, PublishedList
+from ._metrics import Metrics
 from ._model import DelegateRequest
 from ._proto.mandate.v1 import signer_pb2 as pb
 from ._proto.mandate.v1 import signer_pb2_grpc as pb_grpc
@@ -122,21 +123,50 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)
+
+
 def _handled(method: Callable[[Any, Req, grpc.ServicerContext], Resp]
              ) -> Callable[[Any, Req, grpc.ServicerContext], Resp]:
-    """Turn domain errors into statuses; anything else is logged and INTERNAL."""
+    """Turn domain errors into statuses; anything else is logged and INTERNAL.
+
+    Also the one place RPCs are measured: count and latency by method and
+    status code, calls in flight, policy denials by reason (when the servicer
+    has metrics). gRPC's own health and reflection services are not counted.
+    """
+    name = method.__name__
+
     def wrapper(self: Any, request: Req, context: grpc.ServicerContext) -> Resp:
+        metrics: Metrics | None = self._metrics
+        if metrics is not None:
+            in_flight = metrics.in_flight(name)
+            in_flight.inc()
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
         try:
             return method(self, request, context)
         except SignerError as error:
-            if not isinstance(error, PolicyDenied | InvalidRequest | NotFound | NotAllowed):
-                log.warning("%s failed: %s", method.__name__, error.message)
+            code = STATUS_OF.get(type(error), grpc.StatusCode.INTERNAL)
+            if isinstance(error, PolicyDenied):
+                if metrics is not None:
+                    metrics.denied(error.reason)
+            elif not isinstance(error, InvalidRequest | NotFound | NotAllowed):
+                log.warning("%s failed: %s", name, error.message,
+                            extra={"method": name, "code": code.name,
+                                   "duration_ms": _ms(start)})
             context.abort_with_status(rpc_status.to_status(status_for(error)))
         except Exception:
-            log.exception("%s: unexpected error", method.__name__)
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s: unexpected error", name,
+                          extra={"method": name, "code": code.name, "duration_ms": _ms(start)})
             context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        finally:
+            if metrics is not None:
+                metrics.rpc_done(name, code, time.perf_counter() - start)
+                in_flight.dec()
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
-    wrapper.__name__ = method.__name__
+    wrapper.__name__ = name
     return wrapper
 
 
@@ -208,18 +238,33 @@ def call_deadline(context: grpc.ServicerContext, cap_s: float) -> float:
 
 
 class SignerService(pb_grpc.SignerServicer):
-    def __init__(self, issuer: Issuer, *, time_limit_s: float = 5.0) -> None:
+    def __init__(self, issuer: Issuer, *, time_limit_s: float = 5.0,
+                 metrics: Metrics | None = None) -> None:
         self._issuer = issuer
         self._time_limit_s = time_limit_s
+        self._metrics = metrics
 
     @_handled
     def Delegate(self, request: pb.DelegateRequest,
                  context: grpc.ServicerContext) -> pb.DelegateResponse:
+        start = time.perf_counter()
         caller = caller_identity(context)
-        issued = self._issuer.delegate(caller, delegate_from_proto(request),
-                                       deadline=call_deadline(context, self._time_limit_s))
+        try:
+            issued = self._issuer.delegate(caller, delegate_from_proto(request),
+                                           deadline=call_deadline(context, self._time_limit_s))
+        except PolicyDenied as denial:
+            # sub passed validation before the policy ran: a principal, safe to log.
+            log.info("deny caller=%s sub=%s reason=%s", caller, request.sub, denial.reason,
+                     extra={"method": "Delegate", "code": STATUS_OF[PolicyDenied].name,
+                            "caller": caller, "sub": request.sub, "decision": "deny",
+                            "reason": denial.reason, "duration_ms": _ms(start)})
+            raise
         log.info("delegate caller=%s sub=%s jti=%s replay=%s", caller, request.sub,
-                 issued.jti, issued.idempotent_replay)
+                 issued.jti, issued.idempotent_replay,
+                 extra={"method": "Delegate", "code": "OK", "caller": caller,
+                        "sub": request.sub, "jti": issued.jti, "kid": issued.kid,
+                        "decision": "allow", "replay": issued.idempotent_replay,
+                        "duration_ms": _ms(start)})
         return pb.DelegateResponse(chain=issued.chain, jti=issued.jti, kid=issued.kid,
                                    expires_at=issued.expires_at,
                                    idempotent_replay=issued.idempotent_replay)
@@ -227,9 +272,13 @@ class SignerService(pb_grpc.SignerServicer):
     @_handled
     def Revoke(self, request: pb.RevokeRequest,
                context: grpc.ServicerContext) -> pb.RevokeResponse:
+        start = time.perf_counter()
         caller = caller_identity(context)
-        published = self._issuer.revoke(caller, list(request.jti), reason=request.reason)
-        log.info("revoke caller=%s jtis=%s seq=%d", caller, list(request.jti), published.seq)
+        jtis = list(request.jti)
+        published = self._issuer.revoke(caller, jtis, reason=request.reason)
+        log.info("revoke caller=%s jtis=%s seq=%d", caller, jtis, published.seq,
+                 extra={"method": "Revoke", "code": "OK", "caller": caller, "jti": jtis,
+                        "decision": "ok", "seq": published.seq, "duration_ms": _ms(start)})
         return pb.RevokeResponse(revocation_list=_list_to_proto(published))
 
     @_handled
@@ -255,8 +304,9 @@ def _key_to_proto(issuer: Issuer, record: KeyRecord, active: str | None) -> pb.K
 class SignerAdminService(pb_grpc.SignerAdminServicer):
     def __init__(self, issuer: Issuer, *, max_link_ttl_s: int,
                  checkpoints: Callable[[int], tuple[list[pb.AuditCheckpoint], int, str]],
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], metrics: Metrics | None = None) -> None:
         self._issuer = issuer
+        self._metrics = metrics
         self._max_link_ttl_s = max_link_ttl_s
         self._checkpoints = checkpoints
         self._clock = clock

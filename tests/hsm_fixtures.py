@@ -13,11 +13,13 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 import softhsm
 from signer._pkcs11 import Pkcs11Token
@@ -47,6 +49,8 @@ class SoftHsm:
     labels: tuple[str, ...]
     user_pin: str = USER_PIN
     so_pin: str = SO_PIN
+    # Software keys imported into "mandate-import" by softhsm2-util, by label.
+    imported: dict[str, Any] = field(default_factory=dict)
 
     def open(self, label: str, **kw: Any) -> Pkcs11Token:
         """A logged-in handle on token ``label``; close it when done."""
@@ -77,10 +81,23 @@ def hsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
     for label in TOKENS:
         conf = softhsm.init_token(directory, label, so_pin=SO_PIN, user_pin=USER_PIN)
     assert conf is not None
+    store = SoftHsm(module=softhsm.find_module(), conf=conf, labels=TOKENS)
+    # Keys made outside the token are imported now, before this process first
+    # initialises the module: SoftHSM2 does not show objects another process
+    # adds to a token after this process has opened and closed a session on it.
+    for label, key, key_id in (
+        ("imported-ed", ed25519.Ed25519PrivateKey.generate(), "0a"),
+        ("imported-es", ec.generate_private_key(ec.SECP256R1()), "0b"),
+        ("imported-rsa", rsa.generate_private_key(public_exponent=65537, key_size=2048), "0c"),
+    ):
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        store.import_key("mandate-import", pem, label=label, key_id=key_id)
+        store.imported[label] = key
     previous = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = str(conf)
     try:
-        yield SoftHsm(module=softhsm.find_module(), conf=conf, labels=TOKENS)
+        yield store
     finally:
         if previous is None:
             os.environ.pop("SOFTHSM2_CONF", None)

@@ -459,6 +459,7 @@ def test_audit_verify_names_the_first_bad_record(site: Site) -> None:
 COMMANDS = [
     (), ("serve",), ("hsm",), ("hsm", "init"), ("keys",), ("keys", "generate"),
     ("keys", "list"), ("keys", "rotate"), ("keys", "export-bundle"), ("delegate",),
+    ("keygen",), ("inspect",), ("verify",), ("attenuate",), ("prove",),
     ("revoke",), ("revocations",), ("revocations", "fetch"), ("audit",), ("audit", "verify"),
     ("audit", "show"),
 ]

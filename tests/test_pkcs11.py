@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from helpers import AUD, REFUND, REFUND_CAP
-from hsm_fixtures import SoftHsm, hsm
+from hsm_fixtures import SoftHsm
 
 from signer._errors import ConfigError, Unavailable
 from signer._keys import KeySigner
@@ -35,8 +35,6 @@ from signer._pkcs11 import (
 from verifier_sdk import Holder, TrustBundle, VerificationError, Verifier, issue_root
 from verifier_sdk._encoding import b64url_encode
 from verifier_sdk._keys import public_key_from_jwk
-
-__all__ = ["hsm"]  # the session fixture, imported for pytest to find
 
 # A search whose session died under it is finalised again when python-pkcs11
 # collects it; the library reports that to sys.unraisablehook, nothing fails.
@@ -128,14 +126,7 @@ def test_signer_for_a_missing_key_is_a_config_error(token: Pkcs11Token) -> None:
 
 def test_imported_keys_are_read_as_they_are_and_rsa_is_skipped(hsm: SoftHsm) -> None:
     """Keys made outside the token: JWKs and signatures checked with cryptography alone."""
-    ed_key = ed25519.Ed25519PrivateKey.generate()
-    ec_key = ec.generate_private_key(ec.SECP256R1())
-    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    for label, key, key_id in (("imported-ed", ed_key, "0a"), ("imported-es", ec_key, "0b"),
-                               ("imported-rsa", rsa_key, "0c")):
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-        hsm.import_key("mandate-import", pem, label=label, key_id=key_id)
+    ed_key, ec_key = hsm.imported["imported-ed"], hsm.imported["imported-es"]
     with hsm.open("mandate-import") as tok:
         keys = {k.label: k for k in tok.list_keys()}
         assert set(keys) == {"imported-ed", "imported-es"}  # RSA is not a Mandate key

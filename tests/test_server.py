@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from helpers import AUD
-from hsm_fixtures import SoftHsm, hsm
+from hsm_fixtures import SoftHsm
 
 from signer._audit import read_records, verify_log
 from signer._config import load_config
@@ -34,8 +34,6 @@ from signer._proto.mandate.v1 import signer_pb2_grpc as pb_grpc
 from signer._server import Daemon
 from signer.cli import cap_to_proto
 from verifier_sdk import Holder, Request, TrustBundle, VerificationError, Verifier
-
-__all__ = ["hsm"]
 
 ORCH = "spiffe://acme.example/svc/orchestrator"
 ADMIN = "spiffe://acme.example/ops/oncall"

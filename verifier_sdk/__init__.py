@@ -10,6 +10,7 @@ from ._errors import CODES, VerificationError
 from ._holder import Holder, issue_root, new_jti
 from ._link import decode_unverified
 from ._pop import make_pop
+from ._refresh import RevocationRefresher
 from ._revocation import RevocationList, make_revocation_list, verify_revocation_list
 from ._stores import (
     MemoryReplayStore,
@@ -31,6 +32,7 @@ __all__ = [
     "ReplayStore",
     "Request",
     "RevocationList",
+    "RevocationRefresher",
     "StoreError",
     "TrustBundle",
     "UseStore",

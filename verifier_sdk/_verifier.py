@@ -101,6 +101,12 @@ class Verifier:
         return self._bundle
 
     @property
+    def revocation_expires_at(self) -> float | None:
+        """When the held list goes stale (its exp + leeway), or None before the first."""
+        current = self._revocations
+        return None if current is None else float(current.exp + self._leeway)
+
+    @property
     def revocation_seq(self) -> int | None:
         """``seq`` of the list in force, or None before the first one."""
         current = self._revocations
