@@ -372,7 +372,7 @@ class SubjectPattern:
 
 @dataclass(frozen=True, slots=True)
 class _Denial:
-    progress: tuple[int, int]
+    progress: tuple[int, ...]  # how far the request got; for capabilities, how near
     reason: str
     message: str
 
@@ -415,7 +415,7 @@ class Grant:
             else:
                 assert nearest is not None  # a grant has at least one ceiling
                 return _Denial(
-                    (1, number - 1), "capability_not_contained",
+                    (1, number - 1, *nearest[0].progress), "capability_not_contained",
                     f"capability {number} {_q(cap.describe())} is not within any ceiling: "
                     f"nearest {_q(nearest[1].describe())}: {nearest[0].reason}",
                 )
@@ -508,8 +508,9 @@ class Policy:
 
         Rules in order: a grant for the caller, valid capabilities, then per
         grant subject, capabilities, ttl, dpt, aud, use, key. With several
-        grants, the denial reported is that of the grant that got furthest (the
-        first such grant on ties).
+        grants, the denial reported is that of the grant that got furthest — for a
+        capability outside every ceiling, the grant with the nearest ceiling —
+        the first such grant on ties.
         """
         grants = self._by_caller.get(caller)
         if not grants:

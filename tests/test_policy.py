@@ -496,3 +496,15 @@ def test_a_grant_without_key_signs_with_the_active_key_and_allows_any_requested_
 def test_max_ttl_is_the_longest_any_grant_allows() -> None:
     assert Policy.from_toml(grant(max_ttl="300") + grant(max_ttl="900")).max_ttl() == 900
     assert Policy.from_toml("").max_ttl() == 0
+
+
+def test_a_capability_denial_names_the_grant_with_the_nearest_ceiling() -> None:
+    orders = grant(caps='[{ res = "db/orders/**", act = ["select"] }]', key="OMIT")
+    refunds = grant(caps='[{ res = "api/refunds/*", act = ["post"], '
+                         'if = { amount = { le = 100 } } }]', key="OMIT")
+    wanted = {"res": "api/refunds/o-1", "act": ["post"], "if": {"amount": {"eq": 500}}}
+    for text in (orders + refunds, refunds + orders):
+        policy = Policy.from_toml(text)
+        refused = denial(policy, request(caps=(wanted,), ttl=30, dpt=0, use=None, aud=None))
+        assert refused.reason == "capability_not_contained"
+        assert '"api/refunds/* post if amount le 100"' in refused.message
