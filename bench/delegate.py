@@ -159,19 +159,12 @@ issuer = "mandate-signer-bench"
 
 def start_bare(config: Any) -> tuple[int, Callable[[], None]]:
     """The bare signing RPC on the daemon's server stack; returns (port, stop)."""
-    from signer._server import open_hsm
+    from signer._server import grpc_server, open_hsm
 
     keys = open_hsm(config)
     signer = keys.generate(BARE_KID, "EdDSA")
     cfg = config.server
-    options = [
-        ("grpc.max_receive_message_length", cfg.max_message_bytes),
-        ("grpc.max_send_message_length", max(cfg.max_message_bytes, 4 * 1024 * 1024)),
-    ]
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
-        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs, options=options,
-    )
+    server = grpc_server(cfg)
 
     def sign(request: bytes, context: grpc.ServicerContext) -> bytes:
         return signer.sign(request)

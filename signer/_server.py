@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from softhsm import SoftHsmError, find_module
 
 from ._audit import AuditLog
-from ._config import Config
+from ._config import Config, ServerConfig
 from ._errors import ConfigError, NotFound
 from ._issuer import Audit, Issuer
 from ._keys import KeySigner, KeyStore
@@ -64,6 +64,18 @@ def is_loopback(listen: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def grpc_server(cfg: ServerConfig) -> grpc.Server:
+    """The daemon's server stack: worker pool, concurrency limit, message limits."""
+    options = [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", max(cfg.max_message_bytes, 4 * 1024 * 1024)),
+    ]
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
+        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs, options=options,
+    )
 
 
 class _CheckpointKey:
@@ -186,14 +198,7 @@ class Daemon:
         except NotFound as exc:
             raise ConfigError(exc.message) from None
         cfg = self.config.server
-        options = [
-            ("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.max_send_message_length", max(cfg.max_message_bytes, 4 * 1024 * 1024)),
-        ]
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
-            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs, options=options,
-        )
+        server = grpc_server(cfg)
         pb_grpc.add_SignerServicer_to_server(
             SignerService(self.issuer, time_limit_s=cfg.rpc_time_limit_s,
                           metrics=self.metrics), server
