@@ -344,3 +344,12 @@ def test_integrations_import_without_optional_dependencies() -> None:
                             text=True, timeout=60, check=False,
                             env={**os.environ, "PYTHONPATH": str(root)})
     assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_a_json_body_that_repeats_a_member_is_a_bad_request() -> None:
+    twins = HttpCall.build("POST", "/refunds/o-123", b"", [],
+                           b'{"amount": 100, "amount": 999999}')
+    with pytest.raises(ValueError, match="repeats a member"):
+        twins.json()
+    single = HttpCall.build("POST", "/refunds/o-123", b"", [], b'{"amount": 100}')
+    assert single.json() == {"amount": 100}

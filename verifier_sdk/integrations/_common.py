@@ -118,10 +118,19 @@ class HttpCall:
         return _single([v for k, v in self.headers if k == lower], f"header {name!r}")
 
     def json(self) -> Any:
-        """The body parsed as JSON; ValueError without a body or when it is not JSON."""
+        """The body parsed as JSON; ValueError without a body, when it is not JSON,
+        or when a member name repeats (the application's parser might keep another
+        of the twins than the one authorised)."""
         if self.body is None:
             raise ValueError("the body was not read (read_body=False)")
-        return json.loads(self.body)
+        return json.loads(self.body, object_pairs_hook=_no_twins)
+
+
+def _no_twins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("the JSON body repeats a member name")
+    return obj
 
 
 def _single(values: list[str], what: str) -> str | None:
