@@ -530,7 +530,8 @@ class Policy:
 
 
 def _requested_caps(raw: Sequence[Mapping[str, Any]]) -> tuple[Capability, ...]:
-    """Parse the request's capabilities; a malformed one is a denial, so it is audited."""
+    """Parse the request's capabilities; a malformed one is a denial (the daemon checks
+    the request's format before the policy, so there it is an invalid request)."""
     if not 1 <= len(raw) <= MAX_LINK_CAPS:
         raise PolicyDenied("invalid_capability",
                            f"a link carries 1..{MAX_LINK_CAPS} capabilities, not {len(raw)}")
