@@ -37,6 +37,7 @@ unit: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/verify.py
 	$(PY) bench/delegate.py
+	$(PY) bench/limits.py
 
 vectors: $(VENV)/.installed
 	$(PY) scripts/gen_vectors.py

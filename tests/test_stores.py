@@ -471,3 +471,19 @@ def test_100k_replay_entries_fit_well_under_50_mb() -> None:
     print(f"100,000 replay entries: {used_mb:.1f} MB")
     assert len(store) == 100_000
     assert used_mb < 50
+
+
+def test_a_full_store_reclaims_an_expired_entry_that_is_not_at_the_front() -> None:
+    clock = FakeClock(0)
+    store = MemoryReplayStore(max_entries=3, clock=clock)
+    assert store.add("long-1", 100)
+    assert store.add("long-2", 100)
+    assert store.add("short", 5)  # expires first, though added last
+    with pytest.raises(StoreError):  # full, and nothing has expired yet
+        store.add("new", 100)
+    clock.t = 6
+    assert store.add("new", 100)  # the sweep found "short"
+    assert len(store) == 3
+    assert not store.add("new", 100)  # recorded: a replay
+    with pytest.raises(StoreError):  # full again, nothing expired
+        store.add("another", 100)

@@ -10,6 +10,7 @@ a replay through.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -58,6 +59,13 @@ class _ExpiringMap(Generic[E]):
         self.expires = expires
         self.entries: dict[bytes, E] = {}
         self.lock = threading.Lock()
+        # No entry expires before this (a lower bound): while it is in the future,
+        # a full store needs no sweep to know it is still full.
+        self.earliest = math.inf
+
+    def put(self, key: bytes, entry: E) -> None:
+        self.entries[key] = entry
+        self.earliest = min(self.earliest, self.expires(entry))
 
     def purge(self, now: float) -> None:
         """Drop a few expired entries from the front (amortised, bounded work)."""
@@ -72,7 +80,9 @@ class _ExpiringMap(Generic[E]):
     def make_room(self, now: float, needed: int) -> None:
         if len(self.entries) + needed <= self.max_entries:
             return
-        self.entries = {k: e for k, e in self.entries.items() if self.expires(e) > now}
+        if now >= self.earliest:  # something may have expired: sweep (O(n), then rare)
+            self.entries = {k: e for k, e in self.entries.items() if self.expires(e) > now}
+            self.earliest = min(map(self.expires, self.entries.values()), default=math.inf)
         if len(self.entries) + needed > self.max_entries:
             raise StoreError(
                 f"store is full: {len(self.entries)} live entries (max {self.max_entries})"
@@ -113,7 +123,7 @@ class MemoryReplayStore:
             if m.live(digest, now) is not None:
                 return False
             m.make_room(now, 1)
-            m.entries[digest] = now + ttl
+            m.put(digest, now + ttl)
             return True
 
     def __len__(self) -> int:
@@ -144,7 +154,7 @@ class MemoryUseStore:
             expires = now + ttl
             for key, entry in counts.items():
                 count, old_expires = entry if entry is not None else (0, expires)
-                m.entries[digests[key]] = (count + 1, max(old_expires, expires))
+                m.put(digests[key], (count + 1, max(old_expires, expires)))
             return ()
 
     def __len__(self) -> int:
