@@ -474,7 +474,8 @@ def test_stop_finishes_calls_in_flight_refuses_new_ones_and_flushes_the_log(
                                     timeout=20)
             assert gate.inside.wait(10)
             stopping = pool.submit(running.daemon.stop, 10)
-            time.sleep(0.2)  # the server has stopped accepting by now
+            assert running.daemon._stopped.wait(10)  # stop() has begun ...
+            time.sleep(0.2)  # ... and, right after, the server stops accepting
             with pytest.raises(grpc.RpcError) as err:
                 stub.Delegate(delegate_request(Holder.generate()), timeout=5)
             gate.released.set()
