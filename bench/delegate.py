@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 import grpc
+from _report import write_json  # bench/, first on sys.path when run
 
 from signer._devpki import DevCA
 
@@ -927,11 +928,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         if profile_json is not None:
             report["profile"] = profile_json
-        text = json.dumps(report, indent=2, ensure_ascii=False)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n", encoding="utf-8")
+        write_json(report, args.json)
     return 0 if audit_ok else 1
 
 

@@ -38,6 +38,8 @@ import tracemalloc
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from _report import write_json  # bench/, first on sys.path when run
+
 from verifier_sdk import (
     Holder,
     MemoryReplayStore,
@@ -414,12 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "fail_closed": closed,
             "run_seconds": round(elapsed, 1),
         }
-        text = json.dumps(result, indent=2, ensure_ascii=False)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
+        write_json(result, args.json)
     return 0
 
 

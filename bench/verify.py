@@ -32,7 +32,6 @@ import argparse
 import cProfile
 import functools
 import gc
-import json
 import os
 import platform
 import pstats
@@ -49,6 +48,7 @@ from typing import Any
 import biscuit_auth
 import jwt
 import nacl.bindings
+from _report import write_json  # bench/, first on sys.path when run
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from verifier_sdk import (
@@ -504,12 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             **{f"biscuit_{b}_blocks": s for b, s in biscuit_sizes.items()}},
             "run_seconds": round(elapsed, 1),
         }
-        text = json.dumps(result, indent=2, ensure_ascii=False)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
+        write_json(result, args.json)
 
     if args.profile:
         profile_cold(world, count=500, top=20)

@@ -30,6 +30,8 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "limits.py"
 
 def _load_bench() -> ModuleType:
     """bench/limits.py builds the inputs; the tests reuse its builders."""
+    if str(BENCH.parent) not in sys.path:  # as when it runs: its folder first on sys.path
+        sys.path.insert(0, str(BENCH.parent))
     spec = importlib.util.spec_from_file_location("bench_limits", BENCH)
     assert spec is not None
     assert spec.loader is not None
