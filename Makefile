@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	bash scripts/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[signer,grpc,http,dev]'
+	$(PY) -m pip install -q -e '.[signer,grpc,http,redis,postgres,dev]'
 	touch $@
 
 demo: $(VENV)/.installed

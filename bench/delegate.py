@@ -59,7 +59,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import IO, Any, cast
@@ -330,7 +330,7 @@ def apply_variant(name: str) -> None:
 def serve_main(args: argparse.Namespace) -> int:
     """A server process: prints {"port": N}, serves until stdin closes or SIGTERM."""
     from signer._config import load_config
-    from signer._server import Daemon
+    from signer._server import Core, Daemon
 
     # As `mandate serve` logs (one INFO line per Delegate); stderr goes to a file.
     logging.basicConfig(level=logging.INFO,
@@ -342,13 +342,19 @@ def serve_main(args: argparse.Namespace) -> int:
     if args.kind == "bare":
         port, stop = start_bare(config)
     else:
+        issuance = args.issuance
+        if args.instrument or args.variant:
+            issuance = "inline"  # the patches below reach this process only
+        config = replace(config, server=replace(config.server, issuance=issuance))
+        core = Core(config)
+        if not core.issuer.keyring():
+            core.issuer.add_key(DAEMON_KID, "EdDSA")
+        core.close(served=False)
         if args.instrument:
             dump = instrument_daemon(Path(args.instrument), args.cprofile)
         if args.variant:
             apply_variant(args.variant)
         daemon = Daemon(config)
-        if not daemon.issuer.keyring():
-            daemon.issuer.add_key(DAEMON_KID, "EdDSA")
         port, stop = daemon.start(), functools.partial(daemon.stop, 2.0)
     print(json.dumps({"port": port}), flush=True)
 
@@ -487,9 +493,14 @@ def load_main(args: argparse.Namespace) -> int:
 
 
 def process_cpu_s(pid: int) -> float:
-    """utime + stime of a process, from /proc."""
+    """utime + stime of a process and its live descendants (the daemon's
+    issuer process), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += process_cpu_s(int(child))
+    return total
 
 
 @dataclass
@@ -811,6 +822,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also write the results as JSON to FILE ('-': stdout)")
     parser.add_argument("--profile", action="store_true",
                         help="also time the daemon's pieces and cProfile it at 8 in flight")
+    parser.add_argument("--issuance", choices=("process", "inline"), default="process",
+                        help="the daemon's [server] issuance (default: process, as shipped)")
     args = parser.parse_args(argv)
     rounds = max(args.rounds, 1)
     window = max(args.seconds, 0.5) / rounds
@@ -832,7 +845,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pki = make_pki(base)
         servers = {
             kind: stack.enter_context(
-                server_process(kind, make_server_dir(base, kind, pki, pin), env))
+                server_process(kind, make_server_dir(base, kind, pki, pin), env,
+                               ["--issuance", args.issuance]))
             for kind in KINDS
         }
         for concurrency in CONCURRENCY:
@@ -941,6 +955,7 @@ def role_main(argv: Sequence[str]) -> int:
         parser.add_argument("--instrument", help="time the daemon's pieces; output prefix")
         parser.add_argument("--cprofile", action="store_true")
         parser.add_argument("--variant", choices=VARIANTS)
+        parser.add_argument("--issuance", choices=("process", "inline"), default="process")
         return serve_main(parser.parse_args(argv[1:]))
     parser.add_argument("--kind", choices=KINDS, required=True)
     for name in ("--target", "--ca", "--cert", "--key", "--holder-jwk"):

@@ -1,4 +1,5 @@
-"""The audit log: a hash-chained SQLite journal with group commit and signed checkpoints.
+"""The audit log: a hash-chained journal with group commit and signed checkpoints,
+in an SQLite file (the default) or in PostgreSQL (``_pg``), shared by replicas.
 
 One record for every Delegate, Revoke, denial, key event and start/stop; no
 credential leaves the daemon before its record is committed, and if the store
@@ -26,6 +27,11 @@ about 8,000 records/s, against about 3,000/s when the same 8 threads commit
 one transaction per append (4,900/s from one thread). The slower the fsync,
 the wider the gap.
 
+On PostgreSQL the same holds across replicas: each batch's transaction takes
+an advisory lock and reads the head inside it, so several daemons append to
+one chain in turn (``_pg``); the head in memory is then only this daemon's
+last commit.
+
 A log on its own cannot show that its newest records were cut off together
 with the checkpoints covering them; compare the head with a checkpoint kept
 elsewhere for that.
@@ -38,11 +44,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from verifier_sdk._bundle import TrustBundle
 from verifier_sdk._encoding import (
@@ -67,7 +73,11 @@ __all__ = [
     "AuditLog",
     "AuditRecord",
     "AuditReport",
+    "AuditStore",
     "Checkpoint",
+    "Journal",
+    "Reader",
+    "SqliteAuditStore",
     "read_checkpoints",
     "read_records",
     "verify_log",
@@ -278,6 +288,63 @@ def _parse_checkpoint(token: object) -> tuple[Checkpoint, bytes, bytes]:
 
 
 # --- the store ------------------------------------------------------------------------
+#
+# Where the records live is behind two small protocols: a Journal (the writer's
+# connection: read the head and insert a batch in one locked transaction) and a
+# Reader (read-only queries). SQLite implements both here; PostgreSQL in _pg.
+# The SQL is shared: tables ``records`` and ``checkpoints``, ``?`` placeholders.
+
+
+class Journal(Protocol):
+    """The writer's side of an audit store; used by one thread at a time."""
+
+    def head(self) -> tuple[int, str]:
+        """(seq, hash) of the newest record on the store; (0, GENESIS) when empty."""
+        ...
+
+    def signed_seq(self) -> int:
+        """The highest seq a stored checkpoint names; 0 when none."""
+        ...
+
+    def commit(self, make: Callable[[int, str], list[AuditRecord]]) -> list[AuditRecord]:
+        """In one transaction that holds the store's write lock: read the head,
+        ``make(seq, hash)`` the records that follow it, insert them, commit."""
+        ...
+
+    def add_checkpoint(self, seq: int, token: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Reader(Protocol):
+    """A read-only view; on PostgreSQL one snapshot for all its queries."""
+
+    def rows(self, sql: str, params: Sequence[object] = ()) -> Iterator[tuple[Any, ...]]:
+        """Rows of one query, streamed; Unavailable if the store fails."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class AuditStore(Protocol):
+    """Where an audit log is kept: opens its writer and its readers."""
+
+    @property
+    def name(self) -> str:
+        """How messages name the store (a path or a URL without secrets)."""
+        ...
+
+    @property
+    def shared(self) -> bool:
+        """True when other processes append to it too (signer replicas)."""
+        ...
+
+    def journal(self) -> Journal: ...
+
+    def reader(self) -> Reader: ...
+
+
+AuditLocation = str | os.PathLike[str] | AuditStore  # a path means an SQLite file
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -345,7 +412,84 @@ def _load_head(conn: sqlite3.Connection) -> tuple[int, str]:
     return (row[0], row[1]) if row else (0, GENESIS)
 
 
-def read_records(path: str | os.PathLike[str], *, caller: str | None = None,
+class _SqliteJournal:
+    """One connection; BEGIN IMMEDIATE is the write lock, COMMIT one fsync (WAL, FULL)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.conn = _open_writer(path)
+        self._path = path
+
+    def head(self) -> tuple[int, str]:
+        return _load_head(self.conn)
+
+    def signed_seq(self) -> int:
+        row = self.conn.execute("SELECT max(seq) FROM checkpoints").fetchone()
+        return int(row[0] or 0)
+
+    def commit(self, make: Callable[[int, str], list[AuditRecord]]) -> list[AuditRecord]:
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            records = make(*_load_head(conn))
+            conn.executemany(_INSERT, [_row(record) for record in records])
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+        return records
+
+    def add_checkpoint(self, seq: int, token: str) -> None:
+        self.conn.execute("INSERT INTO checkpoints (seq, token) VALUES (?, ?)", (seq, token))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _SqliteReader:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._path = path
+        self._conn = _open_reader(path)
+
+    def rows(self, sql: str, params: Sequence[object] = ()) -> Iterator[tuple[Any, ...]]:
+        try:
+            cursor = self._conn.execute(sql, tuple(params))
+            while batch := cursor.fetchmany(1000):
+                yield from batch
+        except sqlite3.Error as exc:
+            raise Unavailable(
+                f"cannot read audit log {os.fspath(self._path)!r}: {exc}"
+            ) from None
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class SqliteAuditStore:
+    """The default store: one SQLite file in WAL mode."""
+
+    shared = False
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._path = path
+
+    @property
+    def name(self) -> str:
+        return os.fspath(self._path)
+
+    def journal(self) -> Journal:
+        return _SqliteJournal(self._path)
+
+    def reader(self) -> Reader:
+        return _SqliteReader(self._path)
+
+
+def _store(location: AuditLocation) -> AuditStore:
+    if isinstance(location, str | os.PathLike):
+        return SqliteAuditStore(location)
+    return location
+
+
+def read_records(location: AuditLocation, *, caller: str | None = None,
                  jti: str | None = None, sub: str | None = None, event: str | None = None,
                  since_seq: int | None = None, limit: int | None = None) -> list[AuditRecord]:
     """Records in seq order, filtered (``since_seq``: records after it), read-only."""
@@ -364,25 +508,21 @@ def read_records(path: str | os.PathLike[str], *, caller: str | None = None,
             raise ValueError("limit must not be negative")
         query += " LIMIT ?"
         params.append(limit)
-    conn = _open_reader(path)
+    reader = _store(location).reader()
     try:
-        rows = conn.execute(query, params).fetchall()
-    except sqlite3.Error as exc:
-        raise Unavailable(f"cannot read audit log: {exc}") from None
+        rows = list(reader.rows(query, params))
     finally:
-        conn.close()
+        reader.close()
     return [_record_from_row(row) for row in rows]
 
 
-def read_checkpoints(path: str | os.PathLike[str]) -> list[Checkpoint]:
+def read_checkpoints(location: AuditLocation) -> list[Checkpoint]:
     """The stored checkpoints, oldest first, decoded but not verified."""
-    conn = _open_reader(path)
+    reader = _store(location).reader()
     try:
-        rows = conn.execute("SELECT id, token FROM checkpoints ORDER BY id").fetchall()
-    except sqlite3.Error as exc:
-        raise Unavailable(f"cannot read audit log: {exc}") from None
+        rows = list(reader.rows("SELECT id, token FROM checkpoints ORDER BY id"))
     finally:
-        conn.close()
+        reader.close()
     checkpoints = []
     for row_id, token in rows:
         try:
@@ -406,7 +546,8 @@ class _Job:
 
 
 class AuditLog:
-    """The daemon's audit log over one SQLite file (see the module docstring).
+    """The daemon's audit log over an SQLite file or a shared store (see the
+    module docstring).
 
     ``checkpoint_every`` records or ``checkpoint_interval_s`` seconds after the
     last attempt (when there are unsigned records), and on ``close``, the
@@ -414,27 +555,29 @@ class AuditLog:
     ``checkpoint_error`` and retried at the next of those opportunities.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, signer: KeySigner | None,
+    def __init__(self, location: AuditLocation, *, signer: KeySigner | None,
                  checkpoint_every: int = 1000, checkpoint_interval_s: float = 5.0,
                  clock: Callable[[], float] = time.time,
                  commit_timeout_s: float = 10.0) -> None:
         if checkpoint_every < 1 or not checkpoint_interval_s > 0 or not commit_timeout_s > 0:
             raise ConfigError("checkpoint_every, checkpoint_interval_s and commit_timeout_s "
                               "must be positive")
-        self._path = path
+        self._store = _store(location)
         self._signer = signer
         self._every = checkpoint_every
         self._interval_s = checkpoint_interval_s
         self._clock = clock
         self._commit_timeout_s = commit_timeout_s
-        self._conn = _open_writer(path)
+        self._journal = self._store.journal()
         try:
-            self._seq, self._head = _load_head(self._conn)
-            row = self._conn.execute("SELECT max(seq) FROM checkpoints").fetchone()
-        except sqlite3.Error as exc:
-            self._conn.close()
-            raise Unavailable(f"cannot read audit log {os.fspath(path)!r}: {exc}") from None
-        self._signed_seq = min(row[0] or 0, self._seq)
+            self._seq, self._head = self._journal.head()
+            signed = self._journal.signed_seq()
+        except (sqlite3.Error, Unavailable) as exc:
+            self._journal.close()
+            message = exc.message if isinstance(exc, Unavailable) else str(exc)
+            raise Unavailable(f"cannot read audit log {self._store.name!r}: {message}") from None
+        # On a shared store another replica's checkpoint may be ahead of this head.
+        self._signed_seq = min(signed, self._seq)
         self._attempt_seq = self._signed_seq
         self._attempt_time = clock()
         self._checkpoint_error: Exception | None = None
@@ -447,8 +590,14 @@ class AuditLog:
     # --- the public surface -------------------------------------------------------
 
     @property
+    def _conn(self) -> Any:
+        """The writer's connection (tests reach it to make the store fail)."""
+        return getattr(self._journal, "conn", None)
+
+    @property
     def head(self) -> tuple[int, str]:
-        """(seq, hash) of the last committed record; (0, GENESIS) when empty."""
+        """(seq, hash) of the last record this log committed (on a shared store,
+        other replicas may have appended since); (0, GENESIS) when empty."""
         with self._cond:
             return self._seq, self._head
 
@@ -487,11 +636,11 @@ class AuditLog:
     def records(self, *, caller: str | None = None, jti: str | None = None,
                 sub: str | None = None, event: str | None = None,
                 since_seq: int | None = None, limit: int | None = None) -> list[AuditRecord]:
-        return read_records(self._path, caller=caller, jti=jti, sub=sub, event=event,
+        return read_records(self._store, caller=caller, jti=jti, sub=sub, event=event,
                             since_seq=since_seq, limit=limit)
 
     def checkpoints(self) -> list[Checkpoint]:
-        return read_checkpoints(self._path)
+        return read_checkpoints(self._store)
 
     def close(self) -> None:
         """Commit what is queued, sign the head, close the store. Idempotent."""
@@ -539,8 +688,8 @@ class AuditLog:
             if last:
                 break
         try:
-            self._conn.close()
-        except sqlite3.Error as exc:
+            self._journal.close()
+        except Exception as exc:  # the store's own error: nothing is left to do
             _log.error("audit store: close failed: %s", exc)
 
     def _idle_timeout(self) -> float | None:
@@ -551,34 +700,35 @@ class AuditLog:
         return min(max(remaining, 0.01), self._interval_s)
 
     def _commit(self, jobs: list[_Job]) -> None:
-        conn = self._conn
-        records: list[AuditRecord] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            # The head on disk, not in memory: after a commit whose outcome was
-            # unclear (an fsync error), the chain continues from what is there.
-            seq, prev = _load_head(conn)
-            if (seq, prev) != (self._seq, self._head):
+        def make(seq: int, prev: str) -> list[AuditRecord]:
+            # The head on the store, read under its write lock, not the one in
+            # memory: after a commit whose outcome was unclear (an fsync error),
+            # or after other replicas appended, the chain continues from there.
+            if (seq, prev) != (self._seq, self._head) and not self._store.shared:
                 _log.warning("audit store: head on disk is %d, in memory %d", seq, self._seq)
             now = int(self._clock() * 1000)
+            made: list[AuditRecord] = []
             for job in jobs:
                 assert job.fields is not None
                 seq += 1
                 body = {"seq": seq, "time": now, **job.fields, "prev": prev}
                 prev = _record_hash(body)
-                records.append(
+                made.append(
                     AuditRecord(**{**body, "detail": MappingProxyType(body["detail"])}, hash=prev)
                 )
-            conn.executemany(_INSERT, [_row(record) for record in records])
-            conn.execute("COMMIT")
-        except Exception as exc:  # sqlite3.Error above all; nothing may leave a waiter hanging
-            _rollback(conn)
-            message = f"audit store failed: {exc}"
+            return made
+
+        try:
+            records = self._journal.commit(make)
+        except Exception as exc:  # the store's error above all; nothing may leave a waiter hanging
+            text = exc.message if isinstance(exc, Unavailable) else str(exc)
+            message = f"audit store failed: {text}"
             _log.error("%s (%d records not written)", message, len(jobs))
             for job in jobs:
                 job.error = message
                 job.done.set()
             return
+        seq, prev = records[-1].seq, records[-1].hash
         with self._cond:
             self._seq, self._head = seq, prev
         for job, record in zip(jobs, records, strict=True):
@@ -607,7 +757,7 @@ class AuditLog:
         stamp = int(self._attempt_time)
         token = encode_jws(header, {"v": 1, "seq": seq, "head": head, "time": stamp},
                            signer.sign)
-        self._conn.execute("INSERT INTO checkpoints (seq, token) VALUES (?, ?)", (seq, token))
+        self._journal.add_checkpoint(seq, token)
         self._signed_seq = seq
         self._checkpoint_error = None
         return Checkpoint(seq, head, stamp, signer.kid, signer.alg, token)
@@ -641,27 +791,26 @@ _MAX_ISSUES: Final = 100
 _MAX_LOOKUPS: Final = 16  # full scans to tell "reordered" from "edited"
 
 
-def verify_log(path: str | os.PathLike[str], bundle: TrustBundle) -> AuditReport:
+def verify_log(location: AuditLocation, bundle: TrustBundle) -> AuditReport:
     """Prove a log untampered against its signed checkpoints.
 
-    Opens the file read-only. Raises ``Unavailable`` only when the file cannot
-    be read as an audit log; every defect in its contents goes in the report.
+    Reads the store read-only (on PostgreSQL in one snapshot, so replicas may
+    keep appending). Raises ``Unavailable`` only when the store cannot be read
+    as an audit log; every defect in its contents goes in the report.
     """
-    conn = _open_reader(path)
+    reader = _store(location).reader()
     try:
-        return _verify(conn, bundle)
-    except sqlite3.Error as exc:
-        raise Unavailable(f"cannot read audit log {os.fspath(path)!r}: {exc}") from None
+        return _verify(reader, bundle)
     finally:
-        conn.close()
+        reader.close()
 
 
-def _seq_of_hash(conn: sqlite3.Connection, digest: str) -> int | None:
-    row = conn.execute("SELECT seq FROM records WHERE hash = ? LIMIT 1", (digest,)).fetchone()
-    return None if row is None else int(row[0])
+def _seq_of_hash(conn: Reader, digest: str) -> int | None:
+    rows = list(conn.rows("SELECT seq FROM records WHERE hash = ? LIMIT 1", (digest,)))
+    return None if not rows else int(rows[0][0])
 
 
-def _origin(conn: sqlite3.Connection, body: Mapping[str, Any], stored: object) -> int | None:
+def _origin(conn: Reader, body: Mapping[str, Any], stored: object) -> int | None:
     """The seq a record was written at, found through the predecessor it names."""
     before = 0 if body["prev"] == GENESIS else _seq_of_hash(conn, body["prev"])
     if before is not None and _record_hash({**body, "seq": before + 1}) == stored:
@@ -669,7 +818,7 @@ def _origin(conn: sqlite3.Connection, body: Mapping[str, Any], stored: object) -
     return None
 
 
-def _verify(conn: sqlite3.Connection, bundle: TrustBundle) -> AuditReport:
+def _verify(conn: Reader, bundle: TrustBundle) -> AuditReport:
     issues: list[AuditIssue] = []
 
     def report(seq: int, kind: str, message: str) -> None:
@@ -679,7 +828,7 @@ def _verify(conn: sqlite3.Connection, bundle: TrustBundle) -> AuditReport:
     # (1) Checkpoints: decode each and check its signature against the bundle.
     verified: list[Checkpoint] = []
     checkpoints_checked = 0
-    for row_id, column_seq, token in conn.execute(
+    for row_id, column_seq, token in conn.rows(
         "SELECT id, seq, token FROM checkpoints ORDER BY id"
     ):
         checkpoints_checked += 1
@@ -711,7 +860,7 @@ def _verify(conn: sqlite3.Connection, bundle: TrustBundle) -> AuditReport:
     expected, prev_hash = 1, GENESIS
     prev_known = True  # false after a gap: the link into the next record cannot be checked
     records_checked = lookups = 0
-    for row in conn.execute(_SELECT + " ORDER BY seq"):
+    for row in conn.rows(_SELECT + " ORDER BY seq"):
         records_checked += 1
         seq, stored = row[0], row[-1]
         if seq < expected:

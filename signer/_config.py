@@ -11,8 +11,12 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from ._errors import ConfigError
+from ._storage import SqliteUrl, parse_state_url
+
+ISSUANCE_MODES = ("process", "inline")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +33,9 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0
     metrics_listen: str = ""  # host:port of the Prometheus /metrics endpoint; empty: none
     log_format: str = "json"  # `mandate serve` logs: "json" (one object per line) or "text"
+    # "process": issuance (policy, HSM, audit, state) runs in a process of its
+    # own beside the gRPC front end, so the two use two cores; "inline": one process.
+    issuance: str = "process"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +59,16 @@ class RevocationConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StateConfig:
+    # Where the state and the audit log live: "" or "sqlite:///dir" (SQLite files
+    # in state_dir, the default) or "postgresql://user@host:port/db" (shared by replicas).
+    url: str = ""
+    # Environment variable holding the PostgreSQL password; "": libpq's own
+    # PGPASSWORD or .pgpass. Never the password itself.
+    password_env: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     policy_file: Path
     state_dir: Path
@@ -59,6 +76,7 @@ class Config:
     hsm: HsmConfig = field(default_factory=HsmConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     revocation: RevocationConfig = field(default_factory=RevocationConfig)
+    state: StateConfig = field(default_factory=StateConfig)
 
     @property
     def audit_path(self) -> Path:
@@ -103,6 +121,14 @@ def _section(cls: type[Any], data: Any, name: str, base: Path) -> Any:
     return cls(**values)
 
 
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    return isinstance(value, list) and any(_holds_nul(v) for v in value)
+
+
 def load_config(path: str | Path) -> Config:
     """Read a config file; relative paths in it are relative to the file."""
     path = Path(path)
@@ -114,6 +140,12 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"config {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path}: {exc}") from None
+    except ValueError as exc:  # tomllib passes on int()'s refusal of 4,300+ digits
+        raise ConfigError(f"config {path}: {exc}") from None
+    except RecursionError:  # arrays or inline tables nested about 1,000 deep
+        raise ConfigError(f"config {path}: nested too deeply") from None
+    if _holds_nul(data):  # no path or name can hold one (TOML writes it \u0000)
+        raise ConfigError(f"config {path}: a value holds a NUL character")
     base = path.resolve().parent
     allowed = {"server", "hsm", "audit", "revocation", "policy", "state"}
     unknown = set(data) - allowed
@@ -125,13 +157,41 @@ def load_config(path: str | Path) -> Config:
         policy["file"], str
     ):
         raise ConfigError('config: [policy] needs exactly file = "path/to/policy.toml"')
-    if not isinstance(state, dict) or set(state) != {"dir"} or not isinstance(state["dir"], str):
-        raise ConfigError('config: [state] needs exactly dir = "path/to/state"')
+    state_dir, state_config = _state_section(state, base)
+    server = _section(ServerConfig, data.get("server", {}), "server", base)
+    if server.issuance not in ISSUANCE_MODES:
+        raise ConfigError(f'config: [server] issuance must be "process" or "inline", '
+                          f"not {server.issuance!r}")
     return Config(
         policy_file=(base / policy["file"]).resolve(),
-        state_dir=(base / state["dir"]).resolve(),
-        server=_section(ServerConfig, data.get("server", {}), "server", base),
+        state_dir=state_dir,
+        state=state_config,
+        server=server,
         hsm=_section(HsmConfig, data.get("hsm", {}), "hsm", base),
         audit=_section(AuditConfig, data.get("audit", {}), "audit", base),
         revocation=_section(RevocationConfig, data.get("revocation", {}), "revocation", base),
     )
+
+
+def _state_section(state: Any, base: Path) -> tuple[Path, StateConfig]:
+    """``dir`` (SQLite files there), or ``url`` and perhaps ``password_env``."""
+    usage = ('config: [state] needs exactly dir = "path/to/state", or url = '
+             '"sqlite:///dir" or "postgresql://user@host/db" (and password_env = "VAR")')
+    if not isinstance(state, dict) or not state or not set(state) <= {
+        "dir", "url", "password_env"
+    } or not all(isinstance(v, str) and v for v in state.values()):
+        raise ConfigError(usage)
+    if "url" not in state:
+        if set(state) != {"dir"}:
+            raise ConfigError(usage)
+        return (base / state["dir"]).resolve(), StateConfig()
+    location = parse_state_url(state["url"], base=base)
+    if isinstance(location, SqliteUrl):
+        if set(state) != {"url"}:
+            raise ConfigError(usage)
+        directory = location.directory
+        return directory, StateConfig(url="sqlite://" + quote(directory.as_posix()))
+    # A PostgreSQL state keeps no files; dir, if given, is still made at start.
+    directory = (base / state["dir"]).resolve() if "dir" in state else base
+    return directory, StateConfig(url=location.url,
+                                  password_env=state.get("password_env", ""))

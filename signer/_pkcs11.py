@@ -307,6 +307,20 @@ class _Module:
         self.path = path
         self.lib = lib
         self.lock = threading.Lock()
+        # Counts re-initialisations: a session opened in an earlier generation is void.
+        self.generation = 0
+
+    def reinitialize(self) -> None:
+        """C_Finalize, then C_Initialize (lock held): the module sees its tokens afresh.
+
+        A module may never take back a token whose device or storage went
+        away: SoftHSM2 2.6 marks it invalid for good, and only a new
+        C_Initialize sees it return. Every session on the module is void
+        afterwards and handle numbers start over, so an old session's handle
+        may name a new session: it is never used or closed again.
+        """
+        self.generation += 1
+        self.lib.reinitialize()
 
 
 _registry_lock = threading.Lock()  # taken before a module lock, never after
@@ -325,7 +339,11 @@ def _load_module(module: str) -> _Module:
     try:
         lib = pkcs11.lib(path)
     except (p11e.PKCS11Error, OSError) as exc:
-        raise ConfigError(f"cannot load the PKCS#11 module {module!r}: {exc}") from None
+        # A module's own errors carry no text; C_Initialize fails when, for
+        # one, SoftHSM2's token directory is missing.
+        why = str(exc) or f"it failed to initialise ({_error_name(exc)}): is its token " \
+            "store or device reachable?"
+        raise ConfigError(f"cannot load the PKCS#11 module {module!r}: {why}") from None
     loaded = _modules[path] = _Module(path, lib)
     return loaded
 
@@ -346,6 +364,9 @@ class _Connection:
     """The one logged-in session on a token, shared by its Pkcs11Token handles.
 
     ``healthy`` implies a session. All HSM calls happen under the module lock.
+    ``generation`` is the module's when the session was opened: once the
+    module is re-initialised (by a probe of any token on it), the session is
+    void and is reopened before the next call.
     """
 
     def __init__(self, module: _Module, token_label: str, pin: str) -> None:
@@ -353,6 +374,7 @@ class _Connection:
         self.token_label = token_label
         self.pin = _Secret(pin)
         self.session: Any = None
+        self.generation = module.generation
         self.healthy = False
         self.down_reason: str | None = None
         self.pin_refused = False
@@ -374,6 +396,7 @@ class _Connection:
         with self.module.lock:
             try:
                 self.session = self._login()
+                self.generation = self.module.generation
             except (_TokenMissing, _PinRefused) as exc:
                 raise ConfigError(f"{self.name}: {exc}") from None
             except p11e.PKCS11Error as exc:
@@ -421,10 +444,11 @@ class _Connection:
         """Evict the session and its key handles, then log in on a new one."""
         old, self.session = self.session, None
         self._keys.clear()
-        if old is not None:
+        if old is not None and self.generation == self.module.generation:
             with contextlib.suppress(p11e.PKCS11Error):
                 old.close()
         self.session = self._login()
+        self.generation = self.module.generation
 
     # -- calls --------------------------------------------------------------------
 
@@ -438,11 +462,14 @@ class _Connection:
                 if not self.healthy:
                     raise Unavailable(self._down_text())
                 try:
-                    try:
-                        return op(self.session)
-                    except _LOST_SESSION as exc:
-                        log.warning("%s: session lost (%s); reopening", self.name,
-                                    _error_name(exc))
+                    if self.generation == self.module.generation:
+                        try:
+                            return op(self.session)
+                        except _LOST_SESSION as exc:
+                            log.warning("%s: session lost (%s); reopening", self.name,
+                                        _error_name(exc))
+                    else:
+                        log.info("%s: the module was re-initialised; reopening", self.name)
                     try:
                         self._reopen()
                     except (_TokenMissing, _PinRefused, p11e.PKCS11Error) as exc:
@@ -460,7 +487,8 @@ class _Connection:
                 self._notify()
 
     def probe(self) -> bool:
-        """Check the session, or try once to reopen it if the token is down."""
+        """Check the session, or, if the token is down, re-initialise the module
+        and try once to reopen it."""
         if self.closed or self.pin_refused:
             return False
         if self.healthy:
@@ -473,6 +501,7 @@ class _Connection:
                 return False
             if not self.healthy:
                 try:
+                    self.module.reinitialize()  # see _Module.reinitialize
                     self._reopen()
                 except (_TokenMissing, _PinRefused, p11e.PKCS11Error) as exc:
                     self._go_down(exc)
@@ -543,7 +572,7 @@ class _Connection:
             self.healthy = False
             session, self.session = self.session, None
             self._keys.clear()
-            if session is not None:
+            if session is not None and self.generation == self.module.generation:
                 try:
                     session.close()
                 except p11e.PKCS11Error as exc:
@@ -611,7 +640,8 @@ class Pkcs11Token:
         return None if self.healthy else self._conn._down_text()
 
     def probe(self) -> bool:
-        """For a health loop: check the session, or reopen a down token once.
+        """For a health loop: check the session, or reopen a down token once, after
+        re-initialising its module (other tokens' sessions reopen at their next call).
 
         After the token refused the PIN it stays down and is not asked again.
         """

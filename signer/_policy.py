@@ -471,6 +471,10 @@ class Policy:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        except ValueError as exc:  # tomllib passes on int()'s refusal of 4,300+ digits
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        except RecursionError:  # arrays or inline tables nested about 1,000 deep
+            raise ConfigError(f"{source}: not valid TOML: nested too deeply") from None
         unknown = doc.keys() - _TOP_KEYS
         if unknown:
             raise ConfigError(f"{source}: unknown top-level field(s) {_names(unknown)}; "

@@ -27,9 +27,17 @@ from ._metrics import Metrics, parse_listen
 from ._pkcs11 import Pkcs11KeyStore, Pkcs11Token, pin_from_env, pin_from_file
 from ._policy import Policy
 from ._proto.mandate.v1 import signer_pb2 as pb
-from ._proto.mandate.v1 import signer_pb2_grpc as pb_grpc
-from ._service import SignerAdminService, SignerService
+from ._service import (
+    CallContext,
+    CallValues,
+    Dispatcher,
+    Outcome,
+    SignerAdminService,
+    SignerService,
+)
 from ._state import StateStore
+from ._storage import open_storage
+from ._worker import IssuerProcess
 
 log = logging.getLogger("mandate.signer")
 
@@ -125,15 +133,18 @@ class _CheckpointKey:
         return self._current().sign(data)
 
 
-class Daemon:
-    """The signer daemon: build it, ``start()``, then ``stop()`` (or ``serve()``)."""
+class Core:
+    """What issues: the policy, the HSM keys, the state store, the audit log
+    and the issuer, with their metrics. It lives in the daemon's own process
+    (``issuance = "inline"``) or in its issuer process (``"process"``)."""
 
     def __init__(self, config: Config, *, key_store: KeyStore | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 on_health_change: Callable[[bool], None] = lambda healthy: None) -> None:
         self.config = config
         self._clock = clock
-        self._health = health.HealthServicer()
-        self._stopped = threading.Event()
+        self._on_health_change = on_health_change
+        self._closed = threading.Event()
         # Metrics only when configured: otherwise no wrapper sits on the hot path.
         self.metrics: Metrics | None = None
         self._metrics_at: tuple[str, int] | None = None
@@ -145,31 +156,179 @@ class Daemon:
         self.keys = key_store if key_store is not None else open_hsm(
             config, on_health_change=self._hsm_health
         )
-        config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.state = StateStore(config.state_path)
-        for record in self.state.key_records():
-            self.keys.signer(record.kid)  # a key in the bundle but not in the HSM: fail now
-        checkpoint_key = _CheckpointKey(clock)
-        self.audit = AuditLog(
-            config.audit_path, signer=checkpoint_key,
-            checkpoint_every=config.audit.checkpoint_every,
-            checkpoint_interval_s=config.audit.checkpoint_interval_s,
-            commit_timeout_s=config.server.rpc_time_limit_s,
-        )
+        try:
+            config.state_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint_key = _CheckpointKey(clock)
+            self.state, self.audit = open_storage(config, signer=checkpoint_key)
+            for record in self.state.key_records():
+                self.keys.signer(record.kid)  # a key in the bundle but not in the HSM: fail now
+        except BaseException:
+            self._close_token()
+            raise
         keys: KeyStore = self.keys
         audit: Audit = self.audit
         if self.metrics is not None:
             # The issuer (and through it the checkpoint key) signs and audits
             # through metered wrappers; self.keys and self.audit stay the real ones.
             keys, audit = self.metrics.key_store(keys), self.metrics.audit(audit)
-            token = getattr(self.keys, "token", None)
+            token = self.token
             self.metrics.watch_hsm(lambda: token is None or bool(token.healthy))
         self.issuer = Issuer(policy=self.policy, keys=keys, state=self.state,
                              audit=audit, list_issuer=config.revocation.issuer,
                              list_ttl_s=config.revocation.list_ttl_s, clock=clock)
         checkpoint_key.issuer = self.issuer
+
+    @property
+    def token(self) -> Pkcs11Token | None:
+        return getattr(self.keys, "token", None)
+
+    @property
+    def healthy(self) -> bool:
+        token = self.token
+        return token is None or bool(token.healthy)
+
+    def _hsm_health(self, healthy: bool) -> None:
+        log.warning("HSM %s", "is back" if healthy else "is unreachable: failing fast")
+        self._on_health_change(healthy)
+
+    def _probe_loop(self) -> None:
+        token = self.token
+        while not self._closed.wait(HEALTH_PROBE_INTERVAL_S):
+            if token is not None and not token.healthy:
+                token.probe()
+
+    def dispatcher(self) -> Dispatcher:
+        cfg = self.config.server
+        return Dispatcher(
+            SignerService(self.issuer, time_limit_s=cfg.rpc_time_limit_s, metrics=self.metrics),
+            SignerAdminService(self.issuer, max_link_ttl_s=self.max_link_ttl(),
+                               checkpoints=self._checkpoints, clock=self._clock,
+                               metrics=self.metrics),
+        )
+
+    def _checkpoints(self, limit: int) -> tuple[list[pb.AuditCheckpoint], int, str]:
+        checkpoints = self.audit.checkpoints()[-limit:]
+        seq, head = self.audit.head
+        return ([pb.AuditCheckpoint(seq=c.seq, head=c.head, token=c.token) for c in checkpoints],
+                seq, head)
+
+    def max_link_ttl(self) -> int:
+        """The longest link any grant allows: how long a retiring key must stay."""
+        return self.policy.max_ttl()
+
+    def ready(self) -> int:
+        """Check that there is a key to sign with and open the metrics endpoint;
+        returns the metrics port (0: none)."""
+        try:
+            self.issuer.active_key(int(self._clock()))
+        except NotFound as exc:
+            raise ConfigError(exc.message) from None
+        if self.metrics is not None and self._metrics_at is not None and not self.metrics_port:
+            self.metrics_port = self.metrics.serve(*self._metrics_at)
+            host = self._metrics_at[0]
+            log.info("metrics on http://%s:%d/metrics (plain HTTP, no auth; no secrets in it)",
+                     f"[{host}]" if ":" in host else host, self.metrics_port,
+                     extra={"metrics_port": self.metrics_port})
+        return self.metrics_port
+
+    def started(self, port: int) -> None:
+        """The front end serves on ``port``: record it, watch the HSM."""
+        threading.Thread(target=self._probe_loop, name="hsm-probe", daemon=True).start()
+        self.audit.append("start", caller="daemon", decision="ok", detail={"port": port})
+
+    def reload_policy(self) -> bool:
+        """Re-read the policy file; a broken file keeps the old policy."""
+        try:
+            policy = Policy.load(self.config.policy_file)
+        except ConfigError as exc:
+            log.error("policy reload failed, keeping the old policy: %s", exc.message)
+            return False
+        self.policy = self.issuer.policy = policy
+        log.info("policy reloaded from %s", self.config.policy_file)
+        return True
+
+    def close(self, *, served: bool) -> None:
+        """Flush the audit log (with a ``stop`` record if the daemon served),
+        close the state store and the HSM."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        try:
+            if served:
+                self.audit.append("stop", caller="daemon", decision="ok")
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+            self.audit.close()
+            self.state.close()
+            self._close_token()
+
+    def _close_token(self) -> None:
+        token = self.token
+        if token is not None:
+            token.close()
+
+
+class Daemon:
+    """The signer daemon: build it, ``start()``, then ``stop()`` (or ``wait()``).
+
+    The gRPC front end (TLS, caller identity, limits, health) always runs
+    here. Issuance runs in an issuer process of its own when the config says
+    ``issuance = "process"``, so that the two use two cores; else, or when a
+    ``key_store`` is given (tests), in this process, reachable as ``core``.
+    """
+
+    def __init__(self, config: Config, *, key_store: KeyStore | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._health = health.HealthServicer()
+        self._stopped = threading.Event()
+        self.failed = False  # the issuer process was lost: `mandate serve` exits non-zero
         self._server: grpc.Server | None = None
         self.port = 0
+        self.core: Core | None = None
+        self._process: IssuerProcess | None = None
+        if config.server.issuance == "process" and key_store is None:
+            self._process = IssuerProcess(config, on_health_change=self._hsm_health,
+                                          on_lost=self._issuer_lost)
+            self.metrics_port = self._process.metrics_port
+        else:
+            self.core = Core(config, key_store=key_store, clock=clock,
+                             on_health_change=self._hsm_health)
+            self.metrics_port = 0
+
+    def _inline(self) -> Core:
+        if self.core is None:
+            raise AttributeError("issuance runs in the issuer process; use the gRPC API")
+        return self.core
+
+    # The issuance side, when it runs in this process (tests, offline commands).
+    @property
+    def issuer(self) -> Issuer:
+        return self._inline().issuer
+
+    @property
+    def audit(self) -> AuditLog:
+        return self._inline().audit
+
+    @property
+    def keys(self) -> Any:  # KeyStore; the PKCS#11 one has ``token``
+        return self._inline().keys
+
+    @property
+    def state(self) -> StateStore:
+        return self._inline().state
+
+    @property
+    def policy(self) -> Policy:
+        return self._inline().policy
+
+    @property
+    def metrics(self) -> Metrics | None:
+        return self._inline().metrics
+
+    def max_link_ttl(self) -> int:
+        return self._inline().max_link_ttl()
 
     # --- health --------------------------------------------------------------
 
@@ -180,35 +339,43 @@ class Daemon:
             self._health.set(name, status)
 
     def _hsm_health(self, healthy: bool) -> None:
-        log.warning("HSM %s", "is back" if healthy else "is unreachable: failing fast")
-        self._set_serving(healthy)
+        self._set_serving(healthy and not self._stopped.is_set())
 
-    def _probe_loop(self) -> None:
-        token = getattr(self.keys, "token", None)
-        while not self._stopped.wait(HEALTH_PROBE_INTERVAL_S):
-            if token is not None and not token.healthy:
-                token.probe()
+    def _issuer_lost(self) -> None:
+        log.error("the issuer process exited: stopping")
+        self.failed = True
+        threading.Thread(target=self.stop, args=(0,), name="stop", daemon=True).start()
 
     # --- lifecycle -----------------------------------------------------------
 
     def start(self) -> int:
         """Bind and serve; returns the port (useful with port 0)."""
-        try:
-            self.issuer.active_key(int(self._clock()))
-        except NotFound as exc:
-            raise ConfigError(exc.message) from None
         cfg = self.config.server
+        if self.core is not None:
+            self.metrics_port = self.core.ready()
+            dispatcher = self.core.dispatcher()
+            call, methods = dispatcher.call, dispatcher.methods
+        else:
+            assert self._process is not None
+            call, methods = self._process.call, self._process.methods
+        try:
+            self._server, self.port = self._serve(cfg, call, methods)
+        except BaseException:
+            self.stop(0)
+            raise
+        if self.core is not None:
+            self._set_serving(self.core.healthy)
+            self.core.started(self.port)
+        else:
+            assert self._process is not None
+            self._set_serving(self._process.started(self.port))
+        log.info("serving on port %d", self.port, extra={"port": self.port})
+        return self.port
+
+    def _serve(self, cfg: ServerConfig, call: Callable[[str, bytes, CallValues], Outcome],
+               methods: list[str]) -> tuple[grpc.Server, int]:
         server = grpc_server(cfg)
-        pb_grpc.add_SignerServicer_to_server(
-            SignerService(self.issuer, time_limit_s=cfg.rpc_time_limit_s,
-                          metrics=self.metrics), server
-        )
-        pb_grpc.add_SignerAdminServicer_to_server(
-            SignerAdminService(self.issuer, max_link_ttl_s=self.max_link_ttl(),
-                               checkpoints=self._checkpoints, clock=self._clock,
-                               metrics=self.metrics),
-            server,
-        )
+        server.add_generic_rpc_handlers(_handlers(methods, call))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -223,23 +390,8 @@ class Daemon:
             port = int(server.add_secure_port(cfg.listen, self._credentials()))
         if port == 0:
             raise ConfigError(f"cannot listen on {cfg.listen}")
-        if self.metrics is not None and self._metrics_at is not None:
-            try:
-                self.metrics_port = self.metrics.serve(*self._metrics_at)
-            except ConfigError:
-                server.stop(None)  # release the bound gRPC port
-                raise
-            host = self._metrics_at[0]
-            log.info("metrics on http://%s:%d/metrics (plain HTTP, no auth; no secrets in it)",
-                     f"[{host}]" if ":" in host else host, self.metrics_port,
-                     extra={"metrics_port": self.metrics_port})
         server.start()
-        self._server, self.port = server, port
-        self._set_serving(getattr(getattr(self.keys, "token", None), "healthy", True))
-        threading.Thread(target=self._probe_loop, name="hsm-probe", daemon=True).start()
-        self.audit.append("start", caller="daemon", decision="ok", detail={"port": port})
-        log.info("serving on port %d", port, extra={"port": port})
-        return port
+        return server, port
 
     def _credentials(self) -> grpc.ServerCredentials:
         cfg = self.config.server
@@ -260,48 +412,62 @@ class Daemon:
             require_client_auth=True,
         )
 
-    def _checkpoints(self, limit: int) -> tuple[list[pb.AuditCheckpoint], int, str]:
-        checkpoints = self.audit.checkpoints()[-limit:]
-        seq, head = self.audit.head
-        return ([pb.AuditCheckpoint(seq=c.seq, head=c.head, token=c.token) for c in checkpoints],
-                seq, head)
-
-    def max_link_ttl(self) -> int:
-        """The longest link any grant allows: how long a retiring key must stay."""
-        return self.policy.max_ttl()
-
     def reload_policy(self) -> bool:
         """Re-read the policy file; a broken file keeps the old policy."""
-        try:
-            policy = Policy.load(self.config.policy_file)
-        except ConfigError as exc:
-            log.error("policy reload failed, keeping the old policy: %s", exc.message)
-            return False
-        self.policy = self.issuer.policy = policy
-        log.info("policy reloaded from %s", self.config.policy_file)
-        return True
+        if self.core is not None:
+            return self.core.reload_policy()
+        assert self._process is not None
+        return self._process.reload_policy()
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, finish those in flight, flush the audit log, close the HSM."""
         if self._stopped.is_set():
             return
         self._stopped.set()
-        if self._server is not None:
-            self._set_serving(False)
-            self._server.stop(self.config.server.shutdown_grace_s if grace is None else grace
-                              ).wait()
+        served = self._server is not None
         try:
-            if self._server is not None:  # a daemon that served says it stopped
-                self.audit.append("stop", caller="daemon", decision="ok")
+            if self._server is not None:
+                self._set_serving(False)
+                self._server.stop(self.config.server.shutdown_grace_s if grace is None
+                                  else grace).wait()
         finally:
-            if self.metrics is not None:
-                self.metrics.close()
-            self.audit.close()
-            self.state.close()
-            token = getattr(self.keys, "token", None)
-            if token is not None:
-                token.close()
+            if self.core is not None:
+                self.core.close(served=served)
+            elif self._process is not None:
+                self._process.close(served=served)
         log.info("stopped")
 
     def wait(self) -> None:
-        self._stopped.wait()
+        # Wake now and then: a signal handler runs only in the main thread,
+        # and only once it runs Python again.
+        while not self._stopped.wait(0.5):
+            pass
+
+
+def _handlers(methods: list[str], call: Callable[[str, bytes, CallValues], Outcome]
+              ) -> list[grpc.GenericRpcHandler]:
+    """One generic handler per service: requests and responses stay bytes here,
+    and are decoded where the servicer runs."""
+
+    def handler(method: str) -> grpc.RpcMethodHandler:
+        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+            payload, status = call(method, request, CallContext.values_of(context))
+            if status is not None:
+                code, details, trailing = status
+                context.abort_with_status(_Status(grpc.StatusCode[code], details, trailing))
+            assert payload is not None
+            return payload
+        return grpc.unary_unary_rpc_method_handler(handle)
+
+    services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+    for method in methods:
+        service, name = method.lstrip("/").split("/")
+        services.setdefault(service, {})[name] = handler(method)
+    return [grpc.method_handlers_generic_handler(service, handlers)
+            for service, handlers in services.items()]
+
+
+class _Status(grpc.Status):  # type: ignore[misc]  # grpc ships no types
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 trailing_metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+        self.code, self.details, self.trailing_metadata = code, details, trailing_metadata

@@ -9,12 +9,13 @@ import logging
 import time
 import urllib.parse
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -37,6 +38,21 @@ from ._proto.mandate.v1 import signer_pb2_grpc as pb_grpc
 from ._state import KeyRecord
 
 log = logging.getLogger("mandate.signer")
+
+
+class Peer(Protocol):
+    """What identifies a call's caller: its verified certificate and address."""
+
+    def auth_context(self) -> dict[str, list[bytes]]: ...
+    def peer(self) -> str: ...
+
+
+class Context(Peer, Protocol):
+    """The part of a call's context the servicers use (see ``CallContext``)."""
+
+    def time_remaining(self) -> float | None: ...
+    def abort(self, code: grpc.StatusCode, details: str) -> None: ...
+    def abort_with_status(self, status: grpc.Status) -> None: ...
 
 ERROR_DOMAIN = "mandate.signer"
 
@@ -77,7 +93,7 @@ def _loopback_peer(peer: str) -> bool:
         return False
 
 
-def caller_identity(context: grpc.ServicerContext) -> str:
+def caller_identity(context: Peer) -> str:
     """The verified client certificate's URI SAN (e.g. a SPIFFE ID), else its CN.
 
     Taken only from the peer certificate the TLS handshake verified; a
@@ -127,8 +143,8 @@ def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 3)
 
 
-def _handled(method: Callable[[Any, Req, grpc.ServicerContext], Resp]
-             ) -> Callable[[Any, Req, grpc.ServicerContext], Resp]:
+def _handled(method: Callable[[Any, Req, Context], Resp]
+             ) -> Callable[[Any, Req, Context], Resp]:
     """Turn domain errors into statuses; anything else is logged and INTERNAL.
 
     Also the one place RPCs are measured: count and latency by method and
@@ -137,7 +153,7 @@ def _handled(method: Callable[[Any, Req, grpc.ServicerContext], Resp]
     """
     name = method.__name__
 
-    def wrapper(self: Any, request: Req, context: grpc.ServicerContext) -> Resp:
+    def wrapper(self: Any, request: Req, context: Context) -> Resp:
         metrics: Metrics | None = self._metrics
         if metrics is not None:
             in_flight = metrics.in_flight(name)
@@ -230,7 +246,7 @@ def _list_to_proto(published: PublishedList) -> pb.RevocationList:
 
 # --- servicers -------------------------------------------------------------------
 
-def call_deadline(context: grpc.ServicerContext, cap_s: float) -> float:
+def call_deadline(context: Context, cap_s: float) -> float:
     """time.monotonic() deadline: the client's, or the server's cap if sooner."""
     remaining = context.time_remaining()
     budget = cap_s if remaining is None else min(cap_s, remaining)
@@ -246,7 +262,7 @@ class SignerService(pb_grpc.SignerServicer):
 
     @_handled
     def Delegate(self, request: pb.DelegateRequest,
-                 context: grpc.ServicerContext) -> pb.DelegateResponse:
+                 context: Context) -> pb.DelegateResponse:
         start = time.perf_counter()
         caller = caller_identity(context)
         try:
@@ -271,7 +287,7 @@ class SignerService(pb_grpc.SignerServicer):
 
     @_handled
     def Revoke(self, request: pb.RevokeRequest,
-               context: grpc.ServicerContext) -> pb.RevokeResponse:
+               context: Context) -> pb.RevokeResponse:
         start = time.perf_counter()
         caller = caller_identity(context)
         jtis = list(request.jti)
@@ -283,13 +299,13 @@ class SignerService(pb_grpc.SignerServicer):
 
     @_handled
     def GetRevocationList(self, request: pb.GetRevocationListRequest,
-                          context: grpc.ServicerContext) -> pb.RevocationList:
+                          context: Context) -> pb.RevocationList:
         caller_identity(context)
         return _list_to_proto(self._issuer.revocation_list())
 
     @_handled
     def GetTrustBundle(self, request: pb.GetTrustBundleRequest,
-                       context: grpc.ServicerContext) -> pb.TrustBundle:
+                       context: Context) -> pb.TrustBundle:
         caller_identity(context)
         return pb.TrustBundle(jwks=json.dumps(self._issuer.trust_bundle(), sort_keys=True))
 
@@ -311,7 +327,7 @@ class SignerAdminService(pb_grpc.SignerAdminServicer):
         self._checkpoints = checkpoints
         self._clock = clock
 
-    def _admin(self, context: grpc.ServicerContext) -> str:
+    def _admin(self, context: Context) -> str:
         caller = caller_identity(context)
         if caller not in self._issuer.policy.admins:
             raise NotAllowed(f"{caller} is not an admin")
@@ -325,7 +341,7 @@ class SignerAdminService(pb_grpc.SignerAdminServicer):
 
     @_handled
     def ListKeys(self, request: pb.ListKeysRequest,
-                 context: grpc.ServicerContext) -> pb.ListKeysResponse:
+                 context: Context) -> pb.ListKeysResponse:
         self._admin(context)
         active = self._active_kid()
         return pb.ListKeysResponse(keys=[_key_to_proto(self._issuer, k, active)
@@ -333,7 +349,7 @@ class SignerAdminService(pb_grpc.SignerAdminServicer):
 
     @_handled
     def RotateKey(self, request: pb.RotateKeyRequest,
-                  context: grpc.ServicerContext) -> pb.RotateKeyResponse:
+                  context: Context) -> pb.RotateKeyResponse:
         caller = self._admin(context)
         new, previous = self._issuer.rotate(
             request.new_kid, request.alg or "EdDSA",
@@ -346,9 +362,99 @@ class SignerAdminService(pb_grpc.SignerAdminServicer):
 
     @_handled
     def GetAuditCheckpoints(self, request: pb.GetAuditCheckpointsRequest,
-                            context: grpc.ServicerContext) -> pb.GetAuditCheckpointsResponse:
+                            context: Context) -> pb.GetAuditCheckpointsResponse:
         self._admin(context)
         checkpoints, head_seq, head_hash = self._checkpoints(request.limit or 100)
         return pb.GetAuditCheckpointsResponse(checkpoints=checkpoints, head_seq=head_seq,
                                               head_hash=head_hash)
 
+
+
+# --- one call, wherever its servicer runs -------------------------------------------
+
+class Aborted(Exception):
+    """Raised by ``CallContext.abort``: the call ends with this status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 trailing: tuple[tuple[str, str | bytes], ...] = ()) -> None:
+        super().__init__(details)
+        self.code, self.details, self.trailing = code, details, trailing
+
+
+class CallContext:
+    """What a servicer reads of a call: the peer's verified certificate, its
+    address and the time left. The front end takes these from gRPC and the
+    servicer may run in another process, so they travel as plain values."""
+
+    def __init__(self, pem: bytes | None, transport: bytes | None, peer: str,
+                 remaining: float | None) -> None:
+        self._pem, self._transport, self._peer = pem, transport, peer
+        self._deadline = None if remaining is None else time.monotonic() + remaining
+
+    @staticmethod
+    def values_of(context: grpc.ServicerContext) -> CallValues:
+        """The plain values of a real call (the arguments of the constructor)."""
+        auth = context.auth_context()
+        pem = auth.get("x509_pem_cert")
+        transport = auth.get("transport_security_type")
+        return (pem[0] if pem else None, transport[0] if transport else None,
+                context.peer(), context.time_remaining())
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        auth = {}
+        if self._pem is not None:
+            auth["x509_pem_cert"] = [self._pem]
+        if self._transport is not None:
+            auth["transport_security_type"] = [self._transport]
+        return auth
+
+    def peer(self) -> str:
+        return self._peer
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise Aborted(code, details)
+
+    def abort_with_status(self, status: grpc.Status) -> None:
+        raise Aborted(status.code, status.details, tuple(status.trailing_metadata or ()))
+
+
+#: The plain values of a call: certificate, transport, peer, seconds left.
+CallValues = tuple[bytes | None, bytes | None, str, float | None]
+#: How a failed call ends: status code name, details, trailing metadata.
+Status = tuple[str, str, tuple[tuple[str, str | bytes], ...]]
+#: A finished call: (response bytes, None) or (None, its status).
+Outcome = tuple[bytes | None, Status | None]
+
+
+class Dispatcher:
+    """Full method name → servicer method, with the request's decoding.
+
+    Requests arrive as bytes: a message that does not parse is the client's
+    fault (INVALID_ARGUMENT), not the server's.
+    """
+
+    def __init__(self, signer: SignerService, admin: SignerAdminService) -> None:
+        self._methods: dict[str, tuple[Callable[[Any, Any], Any], Any]] = {}
+        for servicer, service in ((signer, "Signer"), (admin, "SignerAdmin")):
+            descriptor = pb.DESCRIPTOR.services_by_name[service]
+            for method in descriptor.methods:
+                self._methods[f"/{descriptor.full_name}/{method.name}"] = (
+                    getattr(servicer, method.name), getattr(pb, method.input_type.name))
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self._methods)
+
+    def call(self, method: str, payload: bytes, values: CallValues) -> Outcome:
+        handler, request_type = self._methods[method]
+        try:
+            request = request_type.FromString(payload)
+        except DecodeError:
+            return None, ("INVALID_ARGUMENT", "malformed request message", ())
+        try:
+            return handler(request, CallContext(*values)).SerializeToString(), None
+        except Aborted as aborted:
+            return None, (aborted.code.name, aborted.details, aborted.trailing)

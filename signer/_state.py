@@ -2,6 +2,10 @@
 keys are in the bundle, with their windows), the links it issued (for
 revocation rights and idempotent retries), and revocations.
 
+``StateStore`` holds the SQL, the same for every backend; a ``Driver`` runs
+it. The default driver is SQLite (here); the PostgreSQL one, for several
+replicas sharing one state, is in ``_pg``.
+
 SQLite in WAL mode. Writes go through one connection under a lock; reads use
 a connection per thread, so they never wait for a commit. Keys, revocations
 and revocation lists commit with synchronous=FULL. An issued-link record
@@ -15,13 +19,13 @@ group commit.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ._errors import ConfigError, Unavailable
 
@@ -79,8 +83,48 @@ class StoredList:
     exp: int
 
 
-class StateStore:
-    def __init__(self, path: str | Path) -> None:
+# --- drivers -------------------------------------------------------------------------
+
+
+class Result(Protocol):
+    """What a statement gives back (a DB-API cursor)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+
+class Transaction(Protocol):
+    def execute(self, sql: str, args: tuple[object, ...] = (), /) -> Result:
+        """One statement, ``?`` placeholders."""
+        ...
+
+
+class Driver(Protocol):
+    """Runs the store's SQL on one backend; every store failure is ``Unavailable``."""
+
+    def query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
+        """Rows of a read, ``?`` placeholders; sees every committed write."""
+        ...
+
+    def transaction(self, *, durable: bool) -> AbstractContextManager[Transaction]:
+        """A write transaction, committed at the end of the block (rolled back if
+        it raises). ``durable=False`` may skip the flush to disk: the record then
+        survives a crash of the process but perhaps not of the machine."""
+        ...
+
+    def lock(self, name: str) -> AbstractContextManager[None]:
+        """Mutual exclusion on ``name`` among every process sharing the store."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _SqliteDriver:
+    """One writer connection under a lock, a reader connection per thread."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         try:
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -102,9 +146,12 @@ class StateStore:
         self._readers = threading.local()
         self._reader_list: list[sqlite3.Connection] = []
         self._closed = False
+        # One process owns an SQLite state: a lock among its threads is enough.
+        self._named: dict[str, list[Any]] = {}
+        self._named_guard = threading.Lock()
 
     @contextmanager
-    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, durable: bool) -> Iterator[Transaction]:
         with self._lock:
             try:
                 self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
@@ -129,11 +176,25 @@ class StateStore:
                 self._reader_list.append(db)
         return db
 
-    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
+    def query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
         try:
             return self._reader().execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise Unavailable(f"state store failed: {exc}") from None
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        with self._named_guard:
+            entry = self._named.setdefault(name, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._named_guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._named[name]
 
     def close(self) -> None:
         with self._lock:
@@ -141,6 +202,35 @@ class StateStore:
             self._db.close()
             for db in self._reader_list:
                 db.close()
+
+
+# --- the store -------------------------------------------------------------------------
+
+
+class StateStore:
+    """The state, on SQLite (a path) or on the driver given (PostgreSQL)."""
+
+    def __init__(self, location: str | os.PathLike[str] | Driver) -> None:
+        self._driver: Driver = (
+            _SqliteDriver(location) if isinstance(location, str | os.PathLike)
+            else location
+        )
+
+    @contextmanager
+    def _tx(self, *, durable: bool = True) -> Iterator[Transaction]:
+        with self._driver.transaction(durable=durable) as tx:
+            yield tx
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
+        return self._driver.query(sql, args)
+
+    def lock(self, name: str) -> AbstractContextManager[None]:
+        """Hold ``name`` against every replica sharing this store (for a
+        read-sign-write that must not interleave, like publishing a list)."""
+        return self._driver.lock(name)
+
+    def close(self) -> None:
+        self._driver.close()
 
     # --- keyring -----------------------------------------------------------
 
@@ -196,7 +286,7 @@ class StateStore:
         with self._tx() as db:
             for jti, exp in entries:
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO revoked VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO revoked VALUES (?, ?, ?, ?, ?) ON CONFLICT (jti) DO NOTHING",
                     (jti, exp, now, by, reason),
                 )
                 added += cur.rowcount
@@ -217,10 +307,18 @@ class StateStore:
         return StoredList(int(seq), str(token), int(iat), int(exp))
 
     def save_revocation_list(self, stored: StoredList) -> None:
+        """Store the newest list; Unavailable if one with this ``seq`` or a higher
+        one is there already (another replica published first), so a stored
+        ``seq`` never goes back and two lists never share one."""
         with self._tx() as db:
-            db.execute(
+            cur = db.execute(
                 "INSERT INTO revocation_list VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
                 "SET seq = excluded.seq, token = excluded.token, iat = excluded.iat, "
-                "exp = excluded.exp",
+                "exp = excluded.exp WHERE revocation_list.seq < excluded.seq",
                 (stored.seq, stored.token, stored.iat, stored.exp),
             )
+            if cur.rowcount != 1:
+                raise Unavailable(
+                    f"revocation list {stored.seq} was not stored: a list with this seq or a "
+                    "later one was published meanwhile; retry"
+                )

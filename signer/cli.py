@@ -41,12 +41,13 @@ from verifier_sdk import (
 from verifier_sdk._encoding import sha256_b64
 from verifier_sdk._keys import ALGORITHMS, public_key_from_jwk
 
-from ._audit import read_records, verify_log
+from ._audit import AuditLocation, read_records, verify_log
 from ._config import Config, load_config
 from ._errors import ConfigError, SignerError
 from ._proto.mandate.v1 import signer_pb2 as pb
 from ._proto.mandate.v1 import signer_pb2_grpc as pb_grpc
-from ._server import Daemon
+from ._server import Core, Daemon
+from ._storage import audit_location, audit_location_at, migrate_storage
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -113,13 +114,14 @@ def _token_labels(directory: Path) -> set[str]:
 
 
 @contextmanager
-def _offline_daemon(args: argparse.Namespace) -> Iterator[Daemon]:
-    """The daemon's parts without the server: for provisioning commands."""
-    daemon = Daemon(_config(args))
+def _offline_daemon(args: argparse.Namespace) -> Iterator[Core]:
+    """The daemon's issuing parts, in this process, without the server:
+    for provisioning commands."""
+    core = Core(_config(args))
     try:
-        yield daemon
+        yield core
     finally:
-        daemon.stop()
+        core.close(served=False)
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
@@ -163,9 +165,22 @@ def cmd_keys_export_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    print(migrate_storage(_config(args)))
+    return 0
+
+
+def _audit_log(args: argparse.Namespace) -> AuditLocation:
+    """The log ``--config`` names ([state]), or ``--log``: a file, or a
+    PostgreSQL URL whose password comes from PGPASSWORD or .pgpass."""
+    if args.config:
+        return audit_location(_config(args))
+    return audit_location_at(args.log)
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     bundle = TrustBundle.from_jwks(Path(args.bundle).read_text())
-    report = verify_log(Path(args.log), bundle)
+    report = verify_log(_audit_log(args), bundle)
     if report.ok:
         print(f"ok: {report.message}")
         return 0
@@ -174,7 +189,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
-    records = read_records(Path(args.log), caller=args.caller, jti=args.jti, sub=args.sub,
+    records = read_records(_audit_log(args), caller=args.caller, jti=args.jti, sub=args.sub,
                            limit=args.limit)
     for r in records:
         print(json.dumps({"seq": r.seq, "time": r.time, "event": r.event, "caller": r.caller,
@@ -697,13 +712,26 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(fetch)
     fetch.add_argument("--out", "-o")
 
+    db = command("db", lambda a: EXIT_USAGE, "the state and audit database").add_subparsers(
+        dest="db_command", required=True)
+    with_config(command("migrate", cmd_db_migrate,
+                        "create or upgrade the schema [state] names (idempotent)", db))
+
     audit = command("audit", lambda a: EXIT_USAGE, "the audit log").add_subparsers(
         dest="audit_command", required=True)
+
+    def log_options(p: argparse.ArgumentParser) -> None:
+        where = p.add_mutually_exclusive_group(required=True)
+        where.add_argument("--log", help="audit.db, or a postgresql:// URL (password from "
+                                         "PGPASSWORD or .pgpass)")
+        where.add_argument("--config", "-c", help="the daemon's config file: the log its "
+                                                  "[state] names")
+
     ver = command("verify", cmd_audit_verify, "check the log against its checkpoints", audit)
-    ver.add_argument("--log", required=True, help="audit.db")
+    log_options(ver)
     ver.add_argument("--bundle", required=True, help="trust bundle (JWKS) file")
     show = command("show", cmd_audit_show, "list audit records as JSON lines", audit)
-    show.add_argument("--log", required=True)
+    log_options(show)
     show.add_argument("--caller")
     show.add_argument("--sub")
     show.add_argument("--jti")

@@ -37,6 +37,8 @@ TOKENS = (
     "mandate-import",
     "mandate-service",
     "mandate-cli",
+    "mandate-replicas",
+    "mandate-fuzz",
 )
 
 

@@ -461,7 +461,7 @@ COMMANDS = [
     ("keys", "list"), ("keys", "rotate"), ("keys", "export-bundle"), ("delegate",),
     ("keygen",), ("inspect",), ("verify",), ("attenuate",), ("prove",),
     ("revoke",), ("revocations",), ("revocations", "fetch"), ("audit",), ("audit", "verify"),
-    ("audit", "show"),
+    ("audit", "show"), ("db",), ("db", "migrate"),
 ]
 
 

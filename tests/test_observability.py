@@ -138,7 +138,7 @@ def test_a_failing_hsm_counts_a_sign_error_and_an_unavailable_rpc(metered: Env) 
     def token_gone(data: bytes) -> bytes:
         raise Unavailable("token not present")
 
-    inner.sign = token_gone  # type: ignore[method-assign]
+    inner.sign = token_gone
     try:
         with pytest.raises(grpc.RpcError) as err:
             metered.stub().Delegate(delegate_request(Holder.generate()), timeout=10)
@@ -243,7 +243,7 @@ def test_a_server_side_failure_is_logged_with_method_code_and_duration(
     def token_gone(data: bytes) -> bytes:
         raise Unavailable("token not present")
 
-    inner.sign = token_gone  # type: ignore[method-assign]
+    inner.sign = token_gone
     try:
         with pytest.raises(grpc.RpcError):
             metered.stub().Delegate(delegate_request(Holder.generate()), timeout=10)

@@ -110,6 +110,7 @@ def start_daemon(hsm: SoftHsm, directory: Path, ca: DevCA, *, key_alg: str = "Ed
     ca.issue(cn="mandate-signer", server=True).write(directory, "server")
     (directory / "ca.pem").write_bytes(ca.pem)
     (directory / "policy.toml").write_text(POLICY)
+    server.setdefault("issuance", "inline")  # the tests reach into the issuer
     extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in server.items())
     config = directory / "signer.toml"
     config.write_text(f"""

@@ -1,0 +1,269 @@
+"""The issuer process: issuance beside the gRPC front end, on a core of its own.
+
+Within one CPython process every call's Python work — TLS and HTTP/2 in the
+gRPC front end, then policy, link building, the HSM call and the audit
+record — queues for one interpreter lock, so the daemon uses one core. With
+``issuance = "process"`` the front end keeps gRPC, TLS and the caller's
+certificate, and hands each call (method, request bytes, certificate, time
+left) over a socket pair to this process, which owns the HSM session, the
+state store, the audit log and the policy, and answers with the response
+bytes or the status. The issuer process never listens on the network and
+exits when the front end closes the socket (or dies).
+
+Messages are pickled tuples, between these two processes only:
+
+    front → issuer   ("call", id, method, payload, values)   values: see CallContext
+                     ("started", id, port)  ("reload", id)  ("stop", id, served)
+    issuer → front   ("ready", metrics_port, methods)  ("failed", message)
+                     ("reply", id, payload, status)   status: None or (code, details, trailing)
+                     ("done", id, result)  ("health", healthy)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ._config import Config
+from ._errors import ConfigError, SignerError, Unavailable
+from ._service import CallValues, Outcome
+
+log = logging.getLogger("mandate.signer")
+
+START_TIMEOUT_S = 120.0  # logging in to a network HSM can be slow
+STOP_TIMEOUT_S = 30.0
+# How much longer than its deadline the front end waits for the issuer's
+# answer: the issuer enforces the deadline itself; this only bounds a stuck one.
+ANSWER_GRACE_S = 2.0
+
+
+
+_ENTRY = "import sys; from signer._worker import main; sys.exit(main(sys.argv))"
+
+
+class _Waiter:
+    __slots__ = ("done", "result")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: Any = None
+
+
+class IssuerProcess:
+    """The front end's handle on its issuer process."""
+
+    def __init__(self, config: Config, *, on_health_change: Callable[[bool], None],
+                 on_lost: Callable[[], None]) -> None:
+        self._config = config
+        self._on_health_change = on_health_change
+        self._on_lost = on_lost
+        self._pending: dict[int, _Waiter] = {}
+        self._ids = itertools.count(1)
+        self._send_lock = threading.Lock()
+        self._closing = False
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            self._proc = subprocess.Popen(  # noqa: S603 - this interpreter, this module
+                [sys.executable, "-c", _ENTRY, str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+            )
+            self._conn = Connection(os.dup(ours.fileno()))
+        try:
+            root = logging.getLogger()
+            self._conn.send((config, config.server.log_format, root.level, bool(root.handlers)))
+            if not self._conn.poll(START_TIMEOUT_S):
+                raise ConfigError(f"the issuer process did not start in {START_TIMEOUT_S:.0f} s")
+            reply = self._conn.recv()
+        except (OSError, EOFError):
+            self._reap()
+            raise ConfigError("the issuer process failed to start (see its log)") from None
+        except BaseException:
+            self._reap()
+            raise
+        if reply[0] == "failed":
+            self._reap()
+            raise ConfigError(reply[1])
+        _, self.metrics_port, self.methods = reply
+        threading.Thread(target=self._receive, name="issuer-replies", daemon=True).start()
+
+    # --- calls -----------------------------------------------------------------
+
+    def call(self, method: str, payload: bytes, values: CallValues) -> Outcome:
+        """Hand one call over and wait for its answer (the deadline bounds the wait)."""
+        remaining = values[3]
+        limit = self._config.server.rpc_time_limit_s
+        wait = (limit if remaining is None else min(limit, remaining)) + ANSWER_GRACE_S
+        answer = self._ask("call", method, payload, values, wait=wait)
+        if answer is None:
+            return None, ("DEADLINE_EXCEEDED", "the issuer did not answer in time", ())
+        return answer[0], answer[1]
+
+    def started(self, port: int) -> bool:
+        """Tell the issuer the front end serves on ``port``; returns the HSM's health."""
+        return bool(self._control("started", port))
+
+    def reload_policy(self) -> bool:
+        return bool(self._control("reload"))
+
+    def close(self, *, served: bool) -> None:
+        """Flush and close the issuer (a ``stop`` record if the daemon served), then reap it."""
+        self._closing = True  # from here, the issuer's exit is expected
+        try:
+            self._control("stop", served, wait=STOP_TIMEOUT_S)
+        except Unavailable:
+            pass  # already gone; its log says why
+        finally:
+            self._conn.close()
+            self._reap()
+
+    # --- plumbing --------------------------------------------------------------
+
+    def _control(self, kind: str, *args: object, wait: float = 30.0) -> Any:
+        answer = self._ask(kind, *args, wait=wait)
+        if answer is None:
+            raise Unavailable(f"the issuer process did not answer {kind!r} in {wait:.0f} s")
+        return answer[0]
+
+    def _ask(self, kind: str, *args: object, wait: float) -> tuple[Any, ...] | None:
+        waiter = _Waiter()
+        try:
+            with self._send_lock:
+                request_id = next(self._ids)
+                self._pending[request_id] = waiter
+                self._conn.send((kind, request_id, *args))
+        except (OSError, ValueError):
+            self._pending.pop(request_id, None)
+            raise Unavailable("the issuer process is gone") from None
+        if not waiter.done.wait(wait):
+            self._pending.pop(request_id, None)
+            return None
+        if waiter.result is None:
+            raise Unavailable("the issuer process is gone")
+        result: tuple[Any, ...] = waiter.result
+        return result
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                message = self._conn.recv()
+                kind = message[0]
+                if kind == "health":
+                    self._on_health_change(message[1])
+                    continue
+                waiter = self._pending.pop(message[1], None)
+                if waiter is not None:  # else the caller gave up waiting
+                    waiter.result = message[2:]
+                    waiter.done.set()
+        except (EOFError, OSError):
+            pass
+        for waiter in list(self._pending.values()):  # each raises Unavailable
+            waiter.done.set()
+        self._pending.clear()
+        if not self._closing:
+            self._on_lost()
+
+    def _reap(self) -> None:
+        try:
+            self._proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log.error("the issuer process did not exit: killing it")
+            self._proc.kill()
+            self._proc.wait()
+
+
+# --- the issuer process ------------------------------------------------------------
+
+def _serve(conn: Connection) -> int:
+    from ._logging import configure_logging  # noqa: PLC0415 - this process only
+    from ._server import Core  # noqa: PLC0415 - _server imports this module
+
+    config, log_format, level, configured = conn.recv()
+    if configured:
+        configure_logging(log_format, level=level)
+    send_lock = threading.Lock()
+
+    def send(message: tuple[Any, ...]) -> None:
+        # If the front end is gone, the reader below sees EOF and closes down.
+        with contextlib.suppress(OSError, ValueError), send_lock:
+            conn.send(message)
+
+    try:
+        core = Core(config, on_health_change=lambda healthy: send(("health", healthy)))
+    except SignerError as exc:
+        send(("failed", exc.message))
+        return 1
+    try:
+        metrics_port = core.ready()
+        dispatcher = core.dispatcher()
+    except SignerError as exc:
+        core.close(served=False)
+        send(("failed", exc.message))
+        return 1
+    send(("ready", metrics_port, dispatcher.methods))
+
+    workers = futures.ThreadPoolExecutor(config.server.workers, thread_name_prefix="issue")
+
+    def run(request_id: int, method: str, payload: bytes, values: CallValues) -> None:
+        try:
+            body, status = dispatcher.call(method, payload, values)
+        except Exception:  # the servicers map their own errors: this is a bug
+            log.exception("%s: unexpected error", method)
+            body, status = None, ("INTERNAL", "internal error", ())
+        send(("reply", request_id, body, status))
+
+    served = False
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                log.warning("the front end closed the issuer's socket: closing down")
+                break
+            kind, request_id = message[0], message[1]
+            if kind == "call":
+                workers.submit(run, request_id, *message[2:])
+            elif kind == "started":
+                served = True
+                core.started(message[2])
+                send(("done", request_id, core.healthy))
+            elif kind == "reload":
+                send(("done", request_id, core.reload_policy()))
+            elif kind == "stop":
+                workers.shutdown(wait=True)
+                core.close(served=message[2])
+                send(("done", request_id, None))
+                return 0
+    finally:
+        workers.shutdown(wait=True)
+        core.close(served=served)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    # The front end decides when to stop: a Ctrl-C or a SIGTERM sent to the
+    # whole process group reaches it too, and it then closes this process in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    conn = Connection(int(argv[1]))
+    try:
+        return _serve(conn)
+    except Exception:
+        log.exception("the issuer process failed")
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(("failed", "the issuer process failed (see its log)"))
+        return 1
+    finally:
+        conn.close()
+
+
