@@ -45,6 +45,11 @@ class Unavailable(SignerError):
     """A part the daemon needs (the HSM, the audit store) is down: fail closed."""
 
 
+class LimitReached(SignerError):
+    """The request would take a bounded resource past its limit (e.g. the
+    revocation list past the size every verifier accepts)."""
+
+
 class TimedOut(SignerError):
     """The call ran out of time (its deadline or the server's cap) before the link
     was recorded: nothing was issued."""

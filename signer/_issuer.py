@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from verifier_sdk import Capability, issue_root, make_revocation_list, new_jti
-from verifier_sdk._encoding import canonical_json, sha256_b64
+from verifier_sdk._encoding import b64url_decode, canonical_json, parse_json_object, sha256_b64
 from verifier_sdk._keys import ALGORITHMS, public_key_from_jwk
 from verifier_sdk._link import MAX_USE, check_jti, check_kid, check_principal
+from verifier_sdk._revocation import MAX_REVOCATION_LIST_BYTES
 
 from ._errors import (
     InvalidRequest,
+    LimitReached,
     NotAllowed,
     NotFound,
     PolicyDenied,
@@ -37,6 +39,7 @@ MAX_IDEMPOTENCY_KEY = 128
 # everywhere: its exp plus more than any verifier's leeway.
 REVOCATION_MARGIN_S = 300
 KEYRING_TTL_S = 1.0
+MAX_TIME = 2**53 - 1  # spec §2: every integer within the JSON safe range
 
 
 class Grant(Protocol):
@@ -176,6 +179,7 @@ class Issuer:
             raise InvalidRequest(f"alg must be one of {ALGORITHMS}")
         now = int(self._clock())
         record = KeyRecord(kid, alg, now if not_before is None else not_before, None)
+        _check_time(record.nbf, "not_before")  # before the HSM makes anything
         self._keys.generate(kid, alg)
         self._state.add_key(record)
         self._keyring = None
@@ -189,9 +193,10 @@ class Issuer:
         bundle until every link it can still sign has expired, then ends."""
         now = int(self._clock())
         start = now if not_before is None else max(now, not_before)
+        old_exp = start + max_link_ttl_s
+        _check_time(old_exp, "not_before plus the longest link ttl")
         previous = self.active_key(now)
         new = self.add_key(new_kid, alg, not_before=start, caller=caller)
-        old_exp = start + max_link_ttl_s
         self._state.set_key_exp(previous.kid, old_exp)
         self._keyring = None
         self._audit.append("key", caller=caller, decision="ok", reason="retiring",
@@ -315,31 +320,79 @@ class Issuer:
         if not entries:
             raise InvalidRequest("no jti to revoke")
         now = int(self._clock())
-        for jti, _ in entries:  # one record per link, so `audit show --jti` finds it
-            self._audit.append("revoke", caller=caller, decision="ok", reason=reason[:200],
-                               jti=jti)
-        self._state.revoke(entries, by=caller, reason=reason[:200], now=now)
-        return self._publish(now)
+        with self._list_lock, self._state.lock("revocation-list"):
+            record = self.active_key(now)
+            listed = self._live_revocations(now)
+            size = _list_size(record, self._list_issuer, {*listed, *(j for j, _ in entries)})
+            if size > MAX_REVOCATION_LIST_BYTES:
+                raise LimitReached(
+                    f"the revocation list would grow to {size} bytes, over the "
+                    f"{MAX_REVOCATION_LIST_BYTES} every verifier accepts: nothing was revoked"
+                )
+            for jti, _ in entries:  # one record per link, so `audit show --jti` finds it
+                self._audit.append("revoke", caller=caller, decision="ok",
+                                   reason=reason[:200], jti=jti)
+            self._state.revoke(entries, by=caller, reason=reason[:200], now=now)
+            return self._sign_list(now, record)
 
     def revocation_list(self) -> PublishedList:
-        """The current list, re-signed with a higher seq once half its life is gone."""
-        return self._publish(int(self._clock()), only_if_stale=True)
-
-    def _publish(self, now: int, *, only_if_stale: bool = False) -> PublishedList:
-        with self._list_lock:
+        """The current list, re-signed with a higher seq once half its life is
+        gone or when the key that signed it is no longer the active key."""
+        now = int(self._clock())
+        stored, record = self._state.revocation_list(), self.active_key(now)
+        if stored is not None and _fresh(stored, record, now):
+            return PublishedList(stored.token, stored.seq, stored.exp)
+        with self._list_lock, self._state.lock("revocation-list"):
+            # Read again under the lock: another thread or replica may have
+            # published meanwhile, and two never sign one seq.
             stored = self._state.revocation_list()
-            if only_if_stale and stored is not None and now < (stored.iat + stored.exp) // 2:
+            if stored is not None and _fresh(stored, record, now):
                 return PublishedList(stored.token, stored.seq, stored.exp)
-            seq = 0 if stored is None else stored.seq + 1
-            record = self.active_key(now)
-            signer = self._keys.signer(record.kid)
-            exp = now + self._list_ttl_s
-            if record.exp is not None:
-                exp = min(exp, record.exp)  # a list's exp must be within its key's window
-            token = make_revocation_list(
-                alg=signer.alg, kid=record.kid, sign=signer.sign, iss=self._list_issuer,
-                seq=seq, iat=now, exp=exp,
-                revoked=self._state.revoked_jtis(live_after=now - REVOCATION_MARGIN_S),
-            )
-            self._state.save_revocation_list(StoredList(seq, token, now, exp))
-            return PublishedList(token, seq, exp)
+            return self._sign_list(now, record)
+
+    def _live_revocations(self, now: int) -> list[str]:
+        return self._state.revoked_jtis(live_after=now - REVOCATION_MARGIN_S)
+
+    def _sign_list(self, now: int, record: KeyRecord) -> PublishedList:
+        """Sign and store the next list; the caller holds the list locks."""
+        stored = self._state.revocation_list()
+        seq = 0 if stored is None else stored.seq + 1
+        signer = self._keys.signer(record.kid)
+        exp = now + self._list_ttl_s
+        if record.exp is not None:
+            exp = min(exp, record.exp)  # a list's exp must be within its key's window
+        token = make_revocation_list(
+            alg=signer.alg, kid=record.kid, sign=signer.sign, iss=self._list_issuer,
+            seq=seq, iat=now, exp=exp, revoked=self._live_revocations(now),
+        )
+        self._state.save_revocation_list(StoredList(seq, token, now, exp))
+        return PublishedList(token, seq, exp)
+
+
+def _check_time(value: int, name: str) -> None:
+    if not 0 <= value <= MAX_TIME:
+        raise InvalidRequest(f"{name} must be a time within 0..{MAX_TIME}")
+
+
+def _fresh(stored: StoredList, record: KeyRecord, now: int) -> bool:
+    """Whether a stored list may still be served: less than half its life gone,
+    signed by the active key and ending within that key's window."""
+    return (
+        now < (stored.iat + stored.exp) // 2
+        and _kid_of(stored.token) == record.kid
+        and (record.exp is None or stored.exp <= record.exp)
+    )
+
+
+def _kid_of(token: str) -> object:
+    """The kid in a stored list's header (read alone: the payload may be 1 MiB)."""
+    return parse_json_object(b64url_decode(token.partition(".")[0])).get("kid")
+
+
+def _list_size(record: KeyRecord, iss: str, revoked: Iterable[str]) -> int:
+    """Bytes of a list holding ``revoked``, signed by ``record``'s key, with its
+    numbers at their widest: an upper bound of what `_sign_list` would make."""
+    return len(make_revocation_list(
+        alg=record.alg, kid=record.kid, sign=lambda _: bytes(64), iss=iss,
+        seq=MAX_TIME, iat=MAX_TIME - 1, exp=MAX_TIME, revoked=revoked,
+    ))

@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 from ._errors import (
     ConfigError,
     InvalidRequest,
+    LimitReached,
     NotAllowed,
     NotFound,
     PolicyDenied,
@@ -64,6 +65,7 @@ STATUS_OF: dict[type[SignerError], grpc.StatusCode] = {
     NotAllowed: grpc.StatusCode.PERMISSION_DENIED,
     NotFound: grpc.StatusCode.NOT_FOUND,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    LimitReached: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TimedOut: grpc.StatusCode.DEADLINE_EXCEEDED,
     ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
 }

@@ -2639,9 +2639,6 @@ def test_fuzz_rpc_bytes(fuzzd: Fuzzd) -> None:
     still_serving(fuzzd)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="RotateKey takes a not_before whose nbf/exp leave the JSON safe "
-                   "range: INTERNAL, and a bundle no verifier loads")
 def test_a_rotation_start_past_the_safe_range_is_refused(hsm: SoftHsm, tmp_path: Path) -> None:
     """Found by fuzz_admin: not_before = 2**53 - 100 is answered INTERNAL, yet the key
     stays in the keyring with that nbf (its predecessor's exp past 2**53), so every
@@ -2661,9 +2658,6 @@ def test_a_rotation_start_past_the_safe_range_is_refused(hsm: SoftHsm, tmp_path:
         running.daemon.stop(grace=1)
 
 
-@pytest.mark.xfail(strict=True, raises=VerificationError,
-                   reason="after a rotation GetRevocationList serves the list signed before "
-                   "it, whose exp is past the retired key's new exp")
 def test_the_list_served_after_a_rotation_verifies(hsm: SoftHsm, tmp_path: Path) -> None:
     """Found by fuzz_rpc_bytes: spec §7 wants a list's exp within its key's window; a
     rotation gives the old key exp = start + longest ttl (600 s here), but the stored

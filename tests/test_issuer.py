@@ -26,6 +26,7 @@ import pytest
 from signer._audit import AuditLog, AuditRecord
 from signer._errors import (
     InvalidRequest,
+    LimitReached,
     NotAllowed,
     NotFound,
     PolicyDenied,
@@ -33,7 +34,7 @@ from signer._errors import (
     Unauthenticated,
     Unavailable,
 )
-from signer._issuer import REVOCATION_MARGIN_S, Issued, Issuer, request_digest
+from signer._issuer import MAX_TIME, REVOCATION_MARGIN_S, Issued, Issuer, request_digest
 from signer._keys import KeySigner, MemoryKeyStore
 from signer._model import DelegateRequest
 from signer._policy import Policy
@@ -50,6 +51,7 @@ from verifier_sdk import (
     verify_revocation_list,
 )
 from verifier_sdk._encoding import b64url_decode, sha256_b64
+from verifier_sdk._revocation import MAX_REVOCATION_LIST_BYTES
 
 T0 = 1_800_000_000  # the daemon's clock at the start of every test
 AUD = "orders-api"
@@ -635,6 +637,54 @@ def test_rotation_with_a_future_start(env: Env) -> None:
     env.verify(before.chain, at=before.expires_at - 1)
 
 
+@pytest.mark.parametrize("not_before", [
+    pytest.param(MAX_TIME - 100, id="old-key-end-past-the-safe-range"),
+    pytest.param(MAX_TIME + 1, id="start-past-the-safe-range"),
+])
+def test_a_rotation_past_the_safe_range_changes_nothing(env: Env, not_before: int) -> None:
+    """Spec §2 bounds every time by 2**53 - 1: a start whose key windows would
+    leave that range is refused before the HSM makes a key, and the bundle stays
+    one every verifier loads."""
+    before = bundle_windows(env)
+
+    with pytest.raises(InvalidRequest, match="within 0"):
+        env.issuer.rotate("k2", "EdDSA", not_before=not_before, max_link_ttl_s=MAX_TTL)
+
+    assert bundle_windows(env) == before
+    assert [r.reason for r in env.records("key")] == ["generated"]
+    env.verify(env.issuer.delegate(ORCH, request()).chain)
+    with pytest.raises(InvalidRequest):  # adding a key checks its start the same way
+        env.issuer.add_key("k3", "EdDSA", not_before=MAX_TIME + 1)
+
+
+def test_after_a_rotation_the_list_is_signed_again_by_the_new_key(env: Env) -> None:
+    first = env.issuer.revocation_list()
+    assert list_header(first.token)["kid"] == "k1"
+
+    env.issuer.rotate("k2", "EdDSA", not_before=None, max_link_ttl_s=MAX_TTL)
+    served = env.issuer.revocation_list()  # well before half the first list's life
+
+    assert served.seq == first.seq + 1
+    assert list_header(served.token)["kid"] == "k2"
+    assert env.verifier().update_revocations(served.token) is True
+    assert env.issuer.revocation_list() == served  # and kept while fresh
+
+
+def test_a_list_ends_within_a_retiring_keys_window(env: Env) -> None:
+    """A rotation that starts later leaves the old key active but gives it an end:
+    the list it signed before may outlive that end, so it is signed again."""
+    first = env.issuer.revocation_list()
+    start = T0 + 100
+    env.issuer.rotate("k2", "EdDSA", not_before=start, max_link_ttl_s=MAX_TTL)
+
+    served = env.issuer.revocation_list()
+
+    assert first.expires_at > start + MAX_TTL
+    assert (served.seq, served.expires_at) == (first.seq + 1, start + MAX_TTL)
+    assert list_header(served.token)["kid"] == "k1"
+    assert env.verifier().update_revocations(served.token) is True
+
+
 def test_a_link_that_would_outlive_a_retiring_key_is_denied(env: Env) -> None:
     start = T0 + 100
     env.issuer.rotate("k2", "EdDSA", not_before=start, max_link_ttl_s=MAX_TTL)
@@ -761,6 +811,26 @@ def test_an_admin_revokes_many_links_at_once(env: Env) -> None:
     published = env.issuer.revoke(ADMIN, jtis)
 
     assert verify_revocation_list(published.token, env.bundle()).revoked == set(jtis)
+
+
+def test_a_revocation_that_would_overflow_the_list_is_refused(env: Env) -> None:
+    """Every verifier refuses a list over 1 MiB (spec §7), so one that would grow
+    past it is refused whole: nothing recorded, the list as it was."""
+    bulk = [new_jti() + "A" * 42 for _ in range(11_000)]  # 64 characters each
+    published = env.issuer.revoke(ADMIN, bulk)
+    assert len(published.token) > 950_000
+    records = len(env.records("revoke"))
+    more = [new_jti() + "B" * 42 for _ in range(1_000)]
+
+    with pytest.raises(LimitReached, match="1048576"):
+        env.issuer.revoke(ADMIN, more)
+
+    assert env.issuer.revocation_list() == published
+    assert len(env.records("revoke")) == records
+    # Twin: what still fits is revoked, and the list stays one verifiers accept.
+    fits = env.issuer.revoke(ADMIN, more[:100])
+    assert len(fits.token) <= MAX_REVOCATION_LIST_BYTES
+    assert more[99] in verify_revocation_list(fits.token, env.bundle()).revoked
 
 
 # --- revocation lists ---------------------------------------------------------------

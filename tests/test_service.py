@@ -19,6 +19,7 @@ from signer._devpki import DevCA
 from signer._errors import (
     ConfigError,
     InvalidRequest,
+    LimitReached,
     NotAllowed,
     NotFound,
     PolicyDenied,
@@ -54,6 +55,7 @@ DOCUMENTED = {
     NotAllowed: grpc.StatusCode.PERMISSION_DENIED,
     NotFound: grpc.StatusCode.NOT_FOUND,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    LimitReached: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TimedOut: grpc.StatusCode.DEADLINE_EXCEEDED,
     ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
 }
