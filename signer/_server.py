@@ -7,7 +7,8 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -285,6 +286,7 @@ class Daemon:
         self._stopped = threading.Event()
         self.failed = False  # the issuer process was lost: `mandate serve` exits non-zero
         self._server: grpc.Server | None = None
+        self._timer: RequestTimer | None = None
         self.port = 0
         self.core: Core | None = None
         self._process: IssuerProcess | None = None
@@ -375,7 +377,8 @@ class Daemon:
     def _serve(self, cfg: ServerConfig, call: Callable[[str, bytes, CallValues], Outcome],
                methods: list[str]) -> tuple[grpc.Server, int]:
         server = grpc_server(cfg)
-        server.add_generic_rpc_handlers(_handlers(methods, call))
+        self._timer = RequestTimer(cfg.rpc_time_limit_s)
+        server.add_generic_rpc_handlers(_handlers(methods, call, self._timer))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -431,6 +434,8 @@ class Daemon:
                 self._server.stop(self.config.server.shutdown_grace_s if grace is None
                                   else grace).wait()
         finally:
+            if self._timer is not None:
+                self._timer.close()
             if self.core is not None:
                 self.core.close(served=served)
             elif self._process is not None:
@@ -444,20 +449,91 @@ class Daemon:
             pass
 
 
-def _handlers(methods: list[str], call: Callable[[str, bytes, CallValues], Outcome]
-              ) -> list[grpc.GenericRpcHandler]:
+class RequestTimer:
+    """Ends calls whose request message has not arrived within the call time cap.
+
+    gRPC reads a call's request on the worker thread the call was given, with
+    no time limit of its own: clients that send a request's first bytes and
+    then trickle the rest could hold every worker. Each call is watched from
+    its start until its request is in; past the cap it is cancelled, which
+    wakes its worker. All calls share one cap, so arrival order is deadline
+    order and a deque does: entries done early are dropped as the head moves.
+    """
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self._waiting: deque[list[Any]] = deque()  # [deadline, context or None once in]
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="request-timer", daemon=True)
+        self._thread.start()
+
+    def watch(self, context: grpc.ServicerContext) -> list[Any]:
+        """Start the clock for a call; set the entry's [1] to None once its request is in."""
+        entry = [time.monotonic() + self.limit_s, context]
+        with self._cond:
+            self._waiting.append(entry)
+            if len(self._waiting) == 1:
+                self._cond.notify()
+        return entry
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                while self._waiting and self._waiting[0][1] is None:
+                    self._waiting.popleft()
+                if not self._waiting:
+                    self._cond.wait()
+                    continue
+                late = self._waiting[0][0] - time.monotonic()
+                if late > 0:
+                    self._cond.wait(late)
+                    continue
+                context = self._waiting.popleft()[1]
+                if context is not None:
+                    log.warning("a request did not arrive within %.1f s: call ended",
+                                self.limit_s, extra={"peer": context.peer()})
+                    context.cancel()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+
+def _handlers(methods: list[str], call: Callable[[str, bytes, CallValues], Outcome],
+              timer: RequestTimer) -> list[grpc.GenericRpcHandler]:
     """One generic handler per service: requests and responses stay bytes here,
-    and are decoded where the servicer runs."""
+    and are decoded where the servicer runs.
+
+    Every method is unary on the wire, but is served as client-streaming so
+    that the request is read here, under ``timer``, and the call's time cap
+    counts from the call's start, not from its request's last byte.
+    """
 
     def handler(method: str) -> grpc.RpcMethodHandler:
-        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
-            payload, status = call(method, request, CallContext.values_of(context))
+        def handle(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+            entry = timer.watch(context)
+            try:
+                request = next(requests, None)  # grpc.RpcError once cancelled
+            finally:
+                entry[1] = None
+            if request is None:
+                outcome: Outcome = (None, ("INVALID_ARGUMENT", "no request message", ()))
+            else:
+                pem, transport, peer, remaining = CallContext.values_of(context)
+                left = entry[0] - time.monotonic()  # of the server's cap
+                if remaining is None or remaining > left:
+                    remaining = max(left, 0.0)
+                outcome = call(method, request, (pem, transport, peer, remaining))
+            payload, status = outcome
             if status is not None:
                 code, details, trailing = status
                 context.abort_with_status(_Status(grpc.StatusCode[code], details, trailing))
             assert payload is not None
             return payload
-        return grpc.unary_unary_rpc_method_handler(handle)
+        return grpc.stream_unary_rpc_method_handler(handle)
 
     services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
     for method in methods:

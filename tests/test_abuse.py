@@ -625,10 +625,6 @@ def test_a_trickled_request_is_a_real_call_and_leaves_the_other_workers_free(
     stop_and_check_audit(env, bundle, delegated=[*good.jtis, *trickled])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a unary call's request message is awaited on a gRPC worker thread with no "
-    "time limit: as many authenticated clients as there are workers, each "
-    "trickling one request, stop the daemon from serving anyone"))
 def test_clients_trickling_their_request_do_not_hold_the_workers(daemons: Factory,
                                                                  tmp_path: Path) -> None:
     """As many slow clients as the shipped config has workers, each with a
@@ -642,3 +638,23 @@ def test_clients_trickling_their_request_do_not_hold_the_workers(daemons: Factor
         for _ in range(ServerConfig().workers):
             trickle.add(*open_delegate_stream(env, context))
         good.served(3)
+
+
+def test_a_call_closed_without_its_request_message_is_invalid(daemons: Factory) -> None:
+    """Every method is unary: a client that ends its call before sending the
+    request message gets INVALID_ARGUMENT at once, and nothing is recorded."""
+    env = daemons()
+    bundle = env.bundle()
+    channel = env.channel(ORCH)
+    empty = channel.stream_unary(DELEGATE,
+                                 request_serializer=pb.DelegateRequest.SerializeToString,
+                                 response_deserializer=pb.DelegateResponse.FromString)
+    with WellBehaved(env) as good:
+        good.served(1)
+        with pytest.raises(grpc.RpcError) as caught:
+            empty(iter(()), timeout=CALL_TIMEOUT_S)
+        assert caught.value.code() == Code.INVALID_ARGUMENT
+        assert "no request message" in (caught.value.details() or "")
+        good.served(2)
+    channel.close()
+    stop_and_check_audit(env, bundle, delegated=good.jtis)
