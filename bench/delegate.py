@@ -58,7 +58,7 @@ import types
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
@@ -641,6 +641,47 @@ class Row:
         return 1e6 * sum(r.client_cpu_s for r in self.runs) / max(calls, 1)
 
 
+def add_round_options(parser: argparse.ArgumentParser, per: str) -> None:
+    """--seconds, --rounds and --warmup: how long each (``per``, concurrency) cell
+    is loaded (this script's and bench/storage.py's)."""
+    parser.add_argument("--seconds", type=float, default=8.0,
+                        help=f"measured seconds per {per} and concurrency, split over the "
+                             "rounds (default 8)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternating rounds per concurrency (default 2)")
+    parser.add_argument("--warmup", type=float, default=1.0,
+                        help="unmeasured seconds at the start of each round (default 1)")
+
+
+def round_plan(args: argparse.Namespace) -> tuple[int, float, float]:
+    """(rounds, measured seconds per round, warm-up seconds per round) from the
+    options of ``add_round_options``."""
+    rounds = max(args.rounds, 1)
+    return rounds, max(args.seconds, 0.5) / rounds, max(args.warmup, 0.2)
+
+
+RunWrapper = Callable[[str, int], AbstractContextManager[object]]
+
+
+def run_rounds(servers: dict[str, Server], concurrencies: Sequence[int], *, rounds: int,
+               window: float, warmup: float, pki: dict[str, Path], holder_jwk: dict[str, str],
+               payload: int, around: RunWrapper | None = None) -> dict[tuple[str, int], Row]:
+    """Every (server, concurrency) cell loaded in ``rounds`` rounds, the servers'
+    order reversed every other round so that drift hits all alike; the pooled
+    rows, by (server name, concurrency). ``around(name, concurrency)``, if
+    given, is entered around each run."""
+    rows = {(name, c): Row(name, c) for c in concurrencies for name in servers}
+    names = list(servers)
+    for concurrency in concurrencies:
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                with around(name, concurrency) if around else nullcontext():
+                    rows[(name, concurrency)].runs.append(load(
+                        servers[name], concurrency, seconds=window, warmup=warmup, pki=pki,
+                        holder_jwk=holder_jwk, payload=payload))
+    return rows
+
+
 def signing_input_size(holder_jwk: dict[str, str]) -> int:
     """How many bytes the daemon signs for the benchmark's Delegate request."""
     from verifier_sdk import Holder, issue_root
@@ -650,6 +691,16 @@ def signing_input_size(holder_jwk: dict[str, str]) -> int:
                       holder_jwk=holder_jwk, cap=[REFUND_CAP], ttl=300, dpt=1, aud=[AUD],
                       jti="x" * 22)
     return len(link.rsplit(".", 1)[0])
+
+
+def load_holder() -> tuple[Any, dict[str, str], int]:
+    """A fresh holder key for the load's Delegate requests: the key (a verifier_sdk
+    Holder), its public JWK, and how many bytes the daemon signs for it."""
+    from verifier_sdk import Holder
+
+    holder = Holder.generate()
+    holder_jwk = dict(holder.public_jwk)
+    return holder, holder_jwk, signing_input_size(holder_jwk)
 
 
 def check_daemon(server: Server, pki: dict[str, Path], holder: Any) -> str:
@@ -811,13 +862,7 @@ def print_profile(report: dict[str, Any], top: int) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=float, default=8.0,
-                        help="measured seconds per server and concurrency, split over the "
-                             "rounds (default 8)")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="alternating rounds per concurrency (default 2)")
-    parser.add_argument("--warmup", type=float, default=1.0,
-                        help="unmeasured seconds at the start of each round (default 1)")
+    add_round_options(parser, "server")
     parser.add_argument("--json", metavar="FILE",
                         help="also write the results as JSON to FILE ('-': stdout)")
     parser.add_argument("--profile", action="store_true",
@@ -825,19 +870,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--issuance", choices=("process", "inline"), default="process",
                         help="the daemon's [server] issuance (default: process, as shipped)")
     args = parser.parse_args(argv)
-    rounds = max(args.rounds, 1)
-    window = max(args.seconds, 0.5) / rounds
-    warmup = max(args.warmup, 0.2)
+    rounds, window, warmup = round_plan(args)
     started = time.perf_counter()
 
-    from verifier_sdk import Holder
-
-    holder = Holder.generate()
-    holder_jwk = dict(holder.public_jwk)
-    payload = signing_input_size(holder_jwk)
+    holder, holder_jwk, payload = load_holder()
     pin = secrets.token_hex(8)
     env = {**os.environ, PIN_ENV: pin}
-    rows = {(kind, c): Row(kind, c) for c in CONCURRENCY for kind in KINDS}
     profile: dict[str, Any] | None = None
 
     with tempfile.TemporaryDirectory(prefix="mandate-bench-") as tmp, ExitStack() as stack:
@@ -849,13 +887,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                ["--issuance", args.issuance]))
             for kind in KINDS
         }
-        for concurrency in CONCURRENCY:
-            for r in range(rounds):
-                order = KINDS if r % 2 == 0 else KINDS[::-1]
-                for kind in order:
-                    rows[(kind, concurrency)].runs.append(load(
-                        servers[kind], concurrency, seconds=window, warmup=warmup, pki=pki,
-                        holder_jwk=holder_jwk, payload=payload))
+        rows = run_rounds(servers, CONCURRENCY, rounds=rounds, window=window, warmup=warmup,
+                          pki=pki, holder_jwk=holder_jwk, payload=payload)
         kid = check_daemon(servers["daemon"], pki, holder)
         ok_delegates = sum(r.ok_total for (k, _), row in rows.items() if k == "daemon"
                            for r in row.runs) + 1

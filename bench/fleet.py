@@ -23,7 +23,8 @@ case in turn (interleaved, so drift in the machine hits all cases alike), and
 a case's figure is the median over rounds of (batch time / batch size).
 Inputs (chains, PoPs, keys) are made before any timing; the garbage
 collector is disabled while a batch is timed and runs between batches. After
-the run the Redis counters are checked against the verifications done.
+the run the Redis counters are checked against the verifications done. The
+chains, the request and the batch timer are bench/verify.py's.
 
 Run: ``python bench/fleet.py [--rounds N] [--threads N] [--json FILE]``.
 """
@@ -50,32 +51,20 @@ from typing import Any
 
 import redis
 from _report import write_json  # bench/, first on sys.path when run
+from verify import AUD, REQUEST, Prepare, World, time_batch, warm_batch
 
 from verifier_sdk import (
     Holder,
     MemoryReplayStore,
     MemoryUseStore,
     ReplayStore,
-    Request,
-    TrustBundle,
     UseStore,
     Verifier,
-    issue_root,
     new_jti,
 )
 from verifier_sdk._encoding import sha256_b64
 from verifier_sdk.redis_stores import RedisReplayStore, RedisUseStore, connect
 
-AUD = "payments-api"
-ROOT_KID = "root-1"
-REQUEST = Request("api/payments/refunds/o-123", "post", {"amount": 4999})
-ROOT_CAPS = [
-    {"res": "api/payments/refunds/*", "act": ["post"], "if": {"amount": {"le": 5000}}},
-    {"res": "db/orders/**", "act": ["select"], "if": {"customer": {"eq": 42}}},
-]
-CHILD_CAPS = [
-    {"res": "api/payments/refunds/o-123", "act": ["post"], "if": {"amount": {"le": 5000}}},
-]
 MAX_USE = 2**31 - 1  # the format's largest `use`: the run never reaches it
 START_TIMEOUT_S = 15.0
 STORES = ("memory", "redis")
@@ -133,20 +122,6 @@ def private_redis() -> Iterator[str]:
 # --- timing --------------------------------------------------------------------------
 
 
-def time_batch(op: Callable[[Any], object], inputs: Sequence[Any]) -> float:
-    """Nanoseconds per call of ``op`` over ``inputs``, collector disabled."""
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter_ns()
-        for item in inputs:
-            op(item)
-        elapsed = time.perf_counter_ns() - start
-    finally:
-        gc.enable()
-    return elapsed / len(inputs)
-
-
 def time_threaded(op: Callable[[Any], object], inputs: Sequence[Any], threads: int) -> float:
     """Wall nanoseconds per call with ``threads`` threads sharing ``inputs``
     (each takes every ``threads``-th item), from their common release to the last
@@ -181,10 +156,6 @@ def time_threaded(op: Callable[[Any], object], inputs: Sequence[Any], threads: i
     return elapsed / len(inputs)
 
 
-Op = Callable[[Any], object]
-Prepare = Callable[[int], tuple[Op, Sequence[Any]]]
-
-
 @dataclass
 class Case:
     """One measured operation on one kind of store; ``prepare(round)`` returns
@@ -214,40 +185,21 @@ class Case:
         return 1e6 / self.median_us
 
 
-# --- chains and verifiers --------------------------------------------------------
+# --- chains (bench/verify.py's World) and verifiers ----------------------------------
 
 
-@dataclass
-class World:
-    root: Holder
-    bundle: TrustBundle
+def stored_verifier(world: World, replay: ReplayStore, uses: UseStore) -> Verifier:
+    """A verifier of ``world``'s chains that records into the given stores."""
+    # pop_window is widened so that PoPs made before the timing stay valid
+    # for the whole run; it changes no cost.
+    return Verifier(world.bundle, audience=AUD, pop_window=300,
+                    replay_store=replay, use_store=uses)
 
-    @classmethod
-    def make(cls) -> World:
-        root = Holder.generate()
-        jwks = {"keys": [{**root.public_jwk, "kid": ROOT_KID, "alg": root.alg}]}
-        return cls(root, TrustBundle.from_jwks(jwks))
 
-    def verifier(self, replay: ReplayStore, uses: UseStore) -> Verifier:
-        # pop_window is widened so that PoPs made before the timing stay valid
-        # for the whole run; it changes no cost.
-        return Verifier(self.bundle, audience=AUD, pop_window=300,
-                        replay_store=replay, use_store=uses)
-
-    def chain3(self, *, use: int | None) -> tuple[str, Holder]:
-        """A fresh all-Ed25519 3-link chain; ``use`` on the leaf link."""
-        holders = [Holder.generate() for _ in range(3)]
-        chain = issue_root(
-            alg="EdDSA", kid=ROOT_KID, sign=self.root.sign,
-            iss="spiffe://acme.example/orchestrator", sub="agent:support",
-            holder_jwk=holders[0].public_jwk, cap=ROOT_CAPS, ttl=1800, dpt=2,
-        )
-        for i in (1, 2):
-            chain = holders[i - 1].attenuate(
-                chain, sub=f"agent:helper-{i}", holder_jwk=holders[i].public_jwk,
-                cap=CHILD_CAPS, ttl=1200, dpt=2 - i, use=use if i == 2 else None,
-            )
-        return chain, holders[-1]
+def chain3(world: World, *, use: int | None) -> tuple[str, Holder]:
+    """A fresh all-Ed25519 3-link chain; ``use`` on the leaf link."""
+    chain, holders = world.chain(3, root_ttl_s=1800, child_ttl_s=1200, leaf_use=use)
+    return chain, holders[-1]
 
 
 def warm_cases(world: World, stores: dict[str, tuple[ReplayStore, UseStore]], *,
@@ -262,20 +214,13 @@ def warm_cases(world: World, stores: dict[str, tuple[ReplayStore, UseStore]], *,
     ]
     for name, use, nthreads in kinds:
         for store in STORES:
-            chain, leaf = world.chain3(use=use)
-            verifier = world.verifier(*stores[store])
+            chain, leaf = chain3(world, use=use)
+            verifier = stored_verifier(world, *stores[store])
             verifier.verify(chain, REQUEST, pop=leaf.prove(chain, REQUEST, aud=AUD))
             pops = [[leaf.prove(chain, REQUEST, aud=AUD) for _ in range(n)]
                     for _ in range(rounds + 1)]
             cases.append(Case(name, store, warm_batch(verifier, chain, pops), nthreads))
     return cases
-
-
-def warm_batch(verifier: Verifier, chain: str, data: list[list[str]]) -> Prepare:
-    def op(pop: str) -> object:
-        return verifier.verify(chain, REQUEST, pop=pop)
-
-    return lambda r: (op, data[r])
 
 
 def store_cases(stores: dict[str, tuple[ReplayStore, UseStore]], client: redis.Redis, *,

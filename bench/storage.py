@@ -36,15 +36,16 @@ from typing import Any
 from _report import write_json  # bench/, first on sys.path when run
 from delegate import (
     PIN_ENV,
-    Row,
     Server,
+    add_round_options,
     check_daemon,
-    load,
+    load_holder,
     make_pki,
     make_server_dir,
     process_cpu_s,
+    round_plan,
+    run_rounds,
     server_process,
-    signing_input_size,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -112,31 +113,19 @@ def trust_bundle(server: Server, pki: dict[str, Path]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=float, default=8.0,
-                        help="measured seconds per backend and concurrency, split over the "
-                             "rounds (default 8)")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="alternating rounds per concurrency (default 2)")
-    parser.add_argument("--warmup", type=float, default=1.0,
-                        help="unmeasured seconds at the start of each round (default 1)")
+    add_round_options(parser, "backend")
     parser.add_argument("--postgres-url", help="an existing, empty database (its password in "
                                                "PGPASSWORD); default: a private server")
     parser.add_argument("--json", metavar="FILE",
                         help="also write the results as JSON to FILE ('-': stdout)")
     args = parser.parse_args(argv)
-    rounds = max(args.rounds, 1)
-    window = max(args.seconds, 0.5) / rounds
-    warmup = max(args.warmup, 0.2)
+    rounds, window, warmup = round_plan(args)
     started = time.perf_counter()
 
     from signer._pg import PgDatabase, migrate
-    from verifier_sdk import Holder
 
-    holder = Holder.generate()
-    holder_jwk = dict(holder.public_jwk)
-    payload = signing_input_size(holder_jwk)
+    holder, holder_jwk, payload = load_holder()
     pin = secrets.token_hex(8)
-    rows = {(backend, c): Row(backend, c) for c in CONCURRENCY for backend in BACKENDS}
     pg_cpu_s = dict.fromkeys(CONCURRENCY, 0.0)
     checks: dict[str, dict[str, Any]] = {}
 
@@ -150,15 +139,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         use_postgres(directories["postgresql"], url)
         servers = {backend: stack.enter_context(server_process("daemon", directory, env))
                    for backend, directory in directories.items()}
-        for concurrency in CONCURRENCY:
-            for r in range(rounds):
-                for backend in BACKENDS if r % 2 == 0 else BACKENDS[::-1]:
-                    before = process_cpu_s(postmaster) if postmaster else 0.0
-                    rows[(backend, concurrency)].runs.append(load(
-                        servers[backend], concurrency, seconds=window, warmup=warmup, pki=pki,
-                        holder_jwk=holder_jwk, payload=payload))
-                    if postmaster and backend == "postgresql":
-                        pg_cpu_s[concurrency] += process_cpu_s(postmaster) - before
+
+        @contextmanager
+        def postgres_cpu(backend: str, concurrency: int) -> Iterator[None]:
+            """The private server's CPU seconds during a PostgreSQL run, into pg_cpu_s."""
+            before = process_cpu_s(postmaster) if postmaster else 0.0
+            yield
+            if postmaster and backend == "postgresql":
+                pg_cpu_s[concurrency] += process_cpu_s(postmaster) - before
+
+        rows = run_rounds(servers, CONCURRENCY, rounds=rounds, window=window, warmup=warmup,
+                          pki=pki, holder_jwk=holder_jwk, payload=payload, around=postgres_cpu)
         jwks = {}
         for backend in BACKENDS:
             check_daemon(servers[backend], pki, holder)

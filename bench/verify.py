@@ -144,18 +144,21 @@ class World:
         # for the whole run; it changes no cost.
         return Verifier(self.bundle, audience=AUD, pop_window=300)
 
-    def chain(self, length: int) -> tuple[str, list[Holder]]:
-        """A fresh all-Ed25519 chain of ``length`` links, with fresh holder keys."""
+    def chain(self, length: int, *, root_ttl_s: int = 900, child_ttl_s: int = 600,
+              leaf_use: int | None = None) -> tuple[str, list[Holder]]:
+        """A fresh all-Ed25519 chain of ``length`` links, with fresh holder keys;
+        ``leaf_use`` on the last link (bench/fleet.py builds its chains here too)."""
         holders = [Holder.generate() for _ in range(length)]
         chain = issue_root(
             alg="EdDSA", kid=ROOT_KID, sign=self.root.sign,
             iss="spiffe://acme.example/orchestrator", sub="agent:support",
-            holder_jwk=holders[0].public_jwk, cap=ROOT_CAPS, ttl=900, dpt=length - 1,
+            holder_jwk=holders[0].public_jwk, cap=ROOT_CAPS, ttl=root_ttl_s, dpt=length - 1,
         )
         for i in range(1, length):
             chain = holders[i - 1].attenuate(
                 chain, sub=f"agent:helper-{i}", holder_jwk=holders[i].public_jwk,
-                cap=CHILD_CAPS, ttl=600, dpt=length - 1 - i,
+                cap=CHILD_CAPS, ttl=child_ttl_s, dpt=length - 1 - i,
+                use=leaf_use if i == length - 1 else None,
             )
         return chain, holders
 

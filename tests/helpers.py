@@ -4,15 +4,24 @@
 holders; ``forge`` signs any header and payload (or raw bytes) without the
 checks the SDK's own builders apply, so tests can make exactly the bad token
 they describe.
+
+Below them, plumbing more than one test module shares: a signer config for a
+daemon run in this process, threads released together, and a benchmark
+script imported as it runs.
 """
 
 from __future__ import annotations
 
 import base64
 import copy
+import importlib.util
 import json
-from collections.abc import Callable
+import sys
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from verifier_sdk import (
@@ -202,3 +211,69 @@ def reforge(world: World, chain: str, index: int, *, header: dict[str, Any] | No
     for name in drop:
         del payload[name]
     return relink(world, chain, index, forge(head, payload, sign or signers(world)[index].sign))
+
+
+# --- plumbing -------------------------------------------------------------------------
+
+HSM_PIN_ENV = "MANDATE_TEST_HSM_PIN"  # where a daemon in the test process finds its PIN
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def write_signer_config(directory: Path, *, hsm_module: str, token: str, policy: str,
+                        server: Mapping[str, Any], state: Mapping[str, Any], issuer: str,
+                        audit: Mapping[str, Any] | None = None) -> Path:
+    """``policy`` as policy.toml and a signer.toml naming it in ``directory``: a
+    listener on 127.0.0.1:0 with the ``server`` settings, ``token`` on the
+    SoftHSM2 ``hsm_module`` with its PIN from HSM_PIN_ENV, the ``state`` and
+    ``audit`` settings, revocation lists from ``issuer``. The config's path."""
+    (directory / "policy.toml").write_text(policy)
+    tables: dict[str, Mapping[str, Any]] = {
+        "server": {"listen": "127.0.0.1:0", **server},
+        "hsm": {"module": hsm_module, "token_label": token, "pin_env": HSM_PIN_ENV},
+        "policy": {"file": "policy.toml"},
+        "state": state,
+        **({"audit": audit} if audit else {}),
+        "revocation": {"issuer": issuer},
+    }
+    config = directory / "signer.toml"
+    config.write_text("".join(  # JSON strings, numbers, booleans and lists are TOML values
+        f"\n[{name}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in table.items())
+        for name, table in tables.items()))
+    return config
+
+
+def run_together(work: Callable[[int], object], count: int, *,
+                 join_s: float) -> tuple[list[BaseException], int]:
+    """``work(i)`` for i in 0 .. count-1, each on a thread of its own, all released
+    at once (a barrier, 30 s), each joined for up to ``join_s``: what they raised,
+    and how many still run."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(count, timeout=30)
+
+    def run(i: int) -> None:
+        try:
+            start.wait()
+            work(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(join_s)
+    return errors, sum(worker.is_alive() for worker in workers)
+
+
+def load_bench(name: str) -> ModuleType:
+    """bench/``name``.py imported as it runs (its folder first on sys.path), as
+    module ``bench_<name>``: the tests reuse the benchmarks' builders and runs."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import pytest
 
@@ -173,20 +173,23 @@ def site(tmp_path: Path) -> Site:
     return make_site(tmp_path)
 
 
-class Server:
-    """``mandate serve`` in a subprocess; stopped (SIGTERM, then kill) on exit."""
+class ServeProcess:
+    """``mandate serve`` on ``config`` in ``site`` (its env, plus ``env``), stderr
+    to ``log``; entering waits for the port it announces, leaving stops it
+    (SIGTERM, then kill)."""
 
-    def __init__(self, site: Site, config: str = "signer.toml") -> None:
+    def __init__(self, site: Site, log: Path, config: str = "signer.toml", *,
+                 env: dict[str, str] | None = None, **popen: Any) -> None:
         self.site = site
-        self.log = site.root / "serve.log"
-        self._log_file: IO[str] = self.log.open("w")
+        self.log = log
+        self._log_file: IO[str] = log.open("w")
         self.proc = subprocess.Popen(
-            [*MANDATE, "serve", "-c", config], cwd=site.root, env=site.env, text=True,
-            stdout=subprocess.PIPE, stderr=self._log_file,
+            [*MANDATE, "serve", "-c", config], cwd=site.root, env={**site.env, **(env or {})},
+            text=True, stdout=subprocess.PIPE, stderr=self._log_file, **popen,
         )
         self.port = 0
 
-    def __enter__(self) -> Server:
+    def __enter__(self) -> Self:
         try:
             self.port = self._read_port()
         except BaseException:
@@ -204,6 +207,30 @@ class Server:
         found = re.fullmatch(r"mandate signer listening on port (\d+)\n", line)
         assert found, f"no port announced (got {line!r}); log: {self.log.read_text()}"
         return int(found.group(1))
+
+    def _stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+
+    def close(self) -> None:
+        try:
+            self._stop()
+        finally:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            self._log_file.close()
+
+
+class Server(ServeProcess):
+    """``mandate serve`` in a subprocess; stopped (SIGTERM, then kill) on exit."""
+
+    def __init__(self, site: Site, config: str = "signer.toml") -> None:
+        super().__init__(site, site.root / "serve.log", config)
 
     def client(self, name: str = "orch") -> list[str]:
         return ["--server", f"127.0.0.1:{self.port}", "--ca", "tls/ca.pem",
@@ -224,20 +251,6 @@ class Server:
         self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout=STOP_TIMEOUT_S)
         return code, time.monotonic() - start
-
-    def close(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=STOP_TIMEOUT_S)
-        finally:
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-            self._log_file.close()
 
 
 def delegate(site: Site, server: Server, holder: Holder, *, ttl: int = 120,

@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import itertools
 import os
-import re
 import select
 import signal
 import subprocess
@@ -24,11 +23,10 @@ import threading
 import time
 from concurrent import futures
 from pathlib import Path
-from typing import IO
 
 import grpc
 import pytest
-from test_cli import MANDATE, START_TIMEOUT_S, Site, make_site
+from test_cli import ServeProcess, Site, make_site
 from test_faults import (
     CALL_TIMEOUT_S,
     NOT_SERVING,
@@ -156,35 +154,12 @@ def exits_within(pid: int, timeout_s: float) -> bool:
         os.close(fd)
 
 
-class Serve:
+class Serve(ServeProcess):
     """``mandate serve`` in a session of its own, so that one signal reaches the
     whole daemon (front end and issuer process) and nothing of it outlives a test."""
 
     def __init__(self, site: Site, name: str, env: dict[str, str] | None = None) -> None:
-        self.log = site.root / f"{name}.log"
-        self._log_file: IO[str] = self.log.open("w")
-        self.proc = subprocess.Popen(
-            [*MANDATE, "serve", "-c", "signer.toml"], cwd=site.root,
-            env={**site.env, **(env or {})}, text=True, stdout=subprocess.PIPE,
-            stderr=self._log_file, start_new_session=True,
-        )
-        self.port = 0
-
-    def __enter__(self) -> Serve:
-        try:
-            assert self.proc.stdout is not None
-            ready, _, _ = select.select([self.proc.stdout], [], [], START_TIMEOUT_S)
-            line = self.proc.stdout.readline() if ready else ""
-            found = re.fullmatch(r"mandate signer listening on port (\d+)\n", line)
-            assert found, f"no port announced (got {line!r}); log: {self.log.read_text()}"
-            self.port = int(found.group(1))
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().__init__(site, site.root / f"{name}.log", env=env, start_new_session=True)
 
     def issuer_pid(self) -> int:
         (pid,) = children(self.proc.pid)
@@ -198,16 +173,11 @@ class Serve:
         to the process to any of its threads; that case has a test of its own."""
         signal_thread(self.proc.pid, self.proc.pid, signal.SIGTERM)
 
-    def close(self) -> None:
+    def _stop(self) -> None:
         """Whatever is left of the daemon is killed: a test stops it itself."""
-        try:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=SAFETY_S)
-        finally:
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-            self._log_file.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=SAFETY_S)
 
 
 class Load:

@@ -5,14 +5,10 @@ without growing. Behaviour only; bench/limits.py measures the times."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
-from helpers import AUD, NOW, ROOT_KID, World, forge
+from helpers import AUD, NOW, ROOT_KID, World, forge, load_bench
 
 from verifier_sdk import (
     Holder,
@@ -25,23 +21,7 @@ from verifier_sdk import (
     issue_root,
 )
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "limits.py"
-
-
-def _load_bench() -> ModuleType:
-    """bench/limits.py builds the inputs; the tests reuse its builders."""
-    if str(BENCH.parent) not in sys.path:  # as when it runs: its folder first on sys.path
-        sys.path.insert(0, str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("bench_limits", BENCH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-limits: Any = _load_bench()
+limits: Any = load_bench("limits")  # bench/limits.py builds the inputs; the tests reuse it
 REQUEST = limits.REQUEST
 
 

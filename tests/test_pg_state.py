@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from helpers import run_together
 from postgres_server import PostgresCluster, postgres  # noqa: F401 - the session's server
 from test_audit import TAMPERING, Clock, add
 
@@ -169,21 +170,11 @@ def test_db_migrate_on_sqlite_creates_both_files(tmp_path: Path,
 
 def test_concurrent_migrations_take_turns(cluster: PostgresCluster, url: str) -> None:
     results: list[tuple[int, int]] = []
-    errors: list[BaseException] = []
-    start = threading.Barrier(3, timeout=30)
 
-    def run() -> None:
-        try:
-            start.wait()
-            results.append(migrate(PgDatabase(url, password=cluster.password)))
-        except BaseException as exc:
-            errors.append(exc)
+    def run(_: int) -> None:
+        results.append(migrate(PgDatabase(url, password=cluster.password)))
 
-    threads = [threading.Thread(target=run) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    errors, _ = run_together(run, 3, join_s=60)
     assert not errors
     assert sorted(results) == [(0, SCHEMA_VERSION)] + [(SCHEMA_VERSION, SCHEMA_VERSION)] * 2
     assert schema_versions(cluster, url) == [SCHEMA_VERSION]
@@ -314,23 +305,13 @@ def test_two_writers_make_one_chain(db: PgDatabase, signer: MemoryKeySigner,
     threads, per_thread = 8, 40
     logs = [AuditLog(PgAuditStore(db), signer=signer, checkpoint_every=25) for _ in range(2)]
     got: list[list[AuditRecord]] = [[] for _ in range(threads)]
-    errors: list[BaseException] = []
-    start = threading.Barrier(threads, timeout=30)
 
     def work(i: int) -> None:
-        try:
-            start.wait()
-            for j in range(per_thread):
-                got[i].append(logs[i % 2].append(
-                    "delegate", caller=f"orch-{i}", decision="allow", jti=f"j-{i}-{j}"))
-        except BaseException as exc:
-            errors.append(exc)
+        for j in range(per_thread):
+            got[i].append(logs[i % 2].append(
+                "delegate", caller=f"orch-{i}", decision="allow", jti=f"j-{i}-{j}"))
 
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(120)
+    errors, _ = run_together(work, threads, join_s=120)
     for log in logs:
         log.close()
     assert not errors

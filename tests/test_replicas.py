@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
-from helpers import AUD
+from helpers import AUD, HSM_PIN_ENV, run_together, write_signer_config
 from hsm_fixtures import SoftHsm
 from postgres_server import PostgresCluster, postgres  # noqa: F401 - the session's server
 
@@ -92,38 +92,16 @@ def fleet(hsm: SoftHsm, request: pytest.FixtureRequest, tmp_path: Path,
     db = PgDatabase(url, password=cluster.password)
     migrate(db)
     monkeypatch.setenv(PASSWORD_ENV, cluster.password)
-    monkeypatch.setenv("MANDATE_TEST_HSM_PIN", hsm.user_pin)
+    monkeypatch.setenv(HSM_PIN_ENV, hsm.user_pin)
     paths = []
     for name in ("a", "b"):
         directory = tmp_path / name
         directory.mkdir()
-        (directory / "policy.toml").write_text(POLICY)
-        config = directory / "signer.toml"
-        config.write_text(f"""
-[server]
-listen = "127.0.0.1:0"
-plaintext_loopback = true
-issuance = "inline"
-
-[hsm]
-module = "{hsm.module}"
-token_label = "{TOKEN}"
-pin_env = "MANDATE_TEST_HSM_PIN"
-
-[policy]
-file = "policy.toml"
-
-[state]
-url = "{url}"
-password_env = "{PASSWORD_ENV}"
-
-[audit]
-checkpoint_every = 10
-
-[revocation]
-issuer = "mandate-fleet-test"
-""")
-        paths.append(config)
+        paths.append(write_signer_config(
+            directory, hsm_module=hsm.module, token=TOKEN, policy=POLICY,
+            server={"plaintext_loopback": True, "issuance": "inline"},
+            state={"url": url, "password_env": PASSWORD_ENV}, audit={"checkpoint_every": 10},
+            issuer="mandate-fleet-test"))
     first = Daemon(load_config(paths[0]))
     first.issuer.add_key(f"root-{uuid.uuid4().hex[:12]}", "EdDSA")
     first.start()
@@ -150,41 +128,31 @@ def test_concurrent_calls_on_two_replicas_leave_one_log_with_a_record_per_call(
     revoked: list[list[str]] = [[] for _ in range(threads)]  # every Revoke call made
     published: list[int] = []  # seqs of the lists successful Revoke calls got
     conflicts: list[str] = []  # Revoke calls whose list lost to another replica's
-    errors: list[BaseException] = []
     lock = threading.Lock()
-    start = threading.Barrier(threads, timeout=30)
+    holders = [Holder.generate() for _ in range(threads)]
 
     def work(i: int) -> None:
-        holder = Holder.generate()
-        try:
-            start.wait()
-            for n in range(1, per_thread + 1):
-                reply = stubs[i].Delegate(delegate_request(holder), timeout=RPC_TIMEOUT_S)
-                issued[i].append(reply.jti)
-                if n % revoke_every == 0:
-                    # Revoke on the other replica the link this one just issued.
-                    revoked[i].append(reply.jti)
-                    try:
-                        answer = others[i].Revoke(pb.RevokeRequest(jti=[reply.jti]),
-                                                  timeout=RPC_TIMEOUT_S)
-                    except grpc.RpcError as exc:
-                        # Two replicas published at once: the later one fails closed.
-                        if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                            raise
-                        with lock:
-                            conflicts.append(reply.jti)
-                    else:
-                        with lock:
-                            published.append(answer.revocation_list.seq)
-        except BaseException as exc:
-            errors.append(exc)
+        for n in range(1, per_thread + 1):
+            reply = stubs[i].Delegate(delegate_request(holders[i]), timeout=RPC_TIMEOUT_S)
+            issued[i].append(reply.jti)
+            if n % revoke_every == 0:
+                # Revoke on the other replica the link this one just issued.
+                revoked[i].append(reply.jti)
+                try:
+                    answer = others[i].Revoke(pb.RevokeRequest(jti=[reply.jti]),
+                                              timeout=RPC_TIMEOUT_S)
+                except grpc.RpcError as exc:
+                    # Two replicas published at once: the later one fails closed.
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    with lock:
+                        conflicts.append(reply.jti)
+                else:
+                    with lock:
+                        published.append(answer.revocation_list.seq)
 
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(180)
-    assert not any(worker.is_alive() for worker in workers)
+    errors, running = run_together(work, threads, join_s=180)
+    assert not running
     assert not errors, errors
     delegated = [jti for jtis in issued for jti in jtis]
     revoke_calls = [jti for jtis in revoked for jti in jtis]

@@ -4,7 +4,6 @@ mutual TLS with certificates made here, links checked with verifier_sdk."""
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import threading
 import time
@@ -22,7 +21,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
-from helpers import AUD
+from helpers import AUD, HSM_PIN_ENV, write_signer_config
 from hsm_fixtures import SoftHsm
 
 from signer._audit import read_records, verify_log
@@ -109,32 +108,13 @@ def start_daemon(hsm: SoftHsm, directory: Path, ca: DevCA, *, key_alg: str = "Ed
                  new_key: bool = True, **server: Any) -> Env:
     ca.issue(cn="mandate-signer", server=True).write(directory, "server")
     (directory / "ca.pem").write_bytes(ca.pem)
-    (directory / "policy.toml").write_text(POLICY)
     server.setdefault("issuance", "inline")  # the tests reach into the issuer
-    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in server.items())
-    config = directory / "signer.toml"
-    config.write_text(f"""
-[server]
-listen = "127.0.0.1:0"
-tls_cert = "server.pem"
-tls_key = "server.key"
-client_ca = "ca.pem"
-{extra}
-[hsm]
-module = "{hsm.module}"
-token_label = "{TOKEN}"
-pin_env = "MANDATE_TEST_HSM_PIN"
-
-[policy]
-file = "policy.toml"
-
-[state]
-dir = "state"
-
-[revocation]
-issuer = "mandate-signer-test"
-""")
-    os.environ["MANDATE_TEST_HSM_PIN"] = hsm.user_pin
+    config = write_signer_config(
+        directory, hsm_module=hsm.module, token=TOKEN, policy=POLICY,
+        server={"tls_cert": "server.pem", "tls_key": "server.key", "client_ca": "ca.pem",
+                **server},
+        state={"dir": "state"}, issuer="mandate-signer-test")
+    os.environ[HSM_PIN_ENV] = hsm.user_pin
     daemon = Daemon(load_config(config))
     if new_key:
         daemon.issuer.add_key(f"root-{uuid.uuid4().hex[:12]}", key_alg)

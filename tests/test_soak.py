@@ -6,33 +6,14 @@ Figures (throughput, latency, memory over minutes) come from the long run."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from collections import Counter
-from pathlib import Path
-from types import ModuleType
 from typing import Any, NamedTuple
 
 import pytest
+from helpers import load_bench
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
-
-
-def _load_bench() -> ModuleType:
-    """bench/soak.py, imported as it runs: its folder first on sys.path."""
-    if str(BENCH.parent) not in sys.path:
-        sys.path.insert(0, str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("bench_soak", BENCH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-soak: Any = _load_bench()
+soak: Any = load_bench("soak")
 
 
 @pytest.mark.slow
