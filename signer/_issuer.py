@@ -15,10 +15,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from verifier_sdk import Capability, issue_root, make_revocation_list, new_jti
+from verifier_sdk import Capability, make_revocation_list, new_jti
 from verifier_sdk._encoding import b64url_decode, canonical_json, parse_json_object, sha256_b64
+from verifier_sdk._holder import root_token
 from verifier_sdk._keys import ALGORITHMS, public_key_from_jwk
-from verifier_sdk._link import MAX_USE, check_jti, check_kid, check_principal
+from verifier_sdk._link import MAX_LINK_BYTES, MAX_USE, check_jti, check_kid, check_principal
 from verifier_sdk._revocation import MAX_REVOCATION_LIST_BYTES
 
 from ._errors import (
@@ -40,6 +41,7 @@ MAX_IDEMPOTENCY_KEY = 128
 REVOCATION_MARGIN_S = 300
 KEYRING_TTL_S = 1.0
 MAX_TIME = 2**53 - 1  # spec §2: every integer within the JSON safe range
+SIGNATURE_PART = 1 + 86  # "." and a 64-byte signature in base64url (EdDSA and ES256)
 
 
 class Grant(Protocol):
@@ -250,9 +252,17 @@ class Issuer:
         self._in_time(deadline, "signing")
         signer = self._keys.signer(record.kid)
         jti = new_jti()
+        # validate_request checked every claim as a verifier's decoding would
+        # (the delegate fuzz target verifies each link it gets), so the link is
+        # not decoded again here; only its size is left, checked before the HSM signs.
+        def sign(signing_input: bytes) -> bytes:
+            if len(signing_input) + SIGNATURE_PART > MAX_LINK_BYTES:
+                raise ValueError(f"the link would be over {MAX_LINK_BYTES} bytes")
+            return signer.sign(signing_input)
+
         try:
-            chain = issue_root(
-                alg=signer.alg, kid=record.kid, sign=signer.sign, iss=caller, sub=req.sub,
+            chain = root_token(
+                alg=signer.alg, kid=record.kid, sign=sign, iss=caller, sub=req.sub,
                 holder_jwk=req.holder_jwk, cap=list(req.caps), ttl=req.ttl, dpt=req.dpt,
                 aud=req.aud, use=req.use, now=now, jti=jti,
             )

@@ -143,6 +143,7 @@ class _SqliteDriver:
             raise ConfigError(f"cannot open the state store {path}: {exc}") from None
         self._path = str(path)
         self._lock = threading.Lock()
+        self._durable = True  # the connection's synchronous setting: FULL
         self._readers = threading.local()
         self._reader_list: list[sqlite3.Connection] = []
         self._closed = False
@@ -154,7 +155,9 @@ class _SqliteDriver:
     def transaction(self, *, durable: bool) -> Iterator[Transaction]:
         with self._lock:
             try:
-                self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                if durable is not self._durable:
+                    self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                    self._durable = durable
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._db

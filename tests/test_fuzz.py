@@ -62,6 +62,7 @@ from verifier_sdk import (
     decode_unverified,
     verify_revocation_list,
 )
+from verifier_sdk._link import decode_link, split_chain
 from verifier_sdk._pop import request_hash
 
 # --- profiles -------------------------------------------------------------------------
@@ -2234,6 +2235,8 @@ def check_delegate(fuzzd: Fuzzd, caller: str, message: pb.DelegateRequest, raw: 
     assert [(r.event, r.jti) for r in delegated] == [("delegate", issued.jti)], records
     grant = grant_allowing(caller, req, issued.kid)
     assert grant is not None, f"issued what the policy does not allow: {message}"
+    split_chain(issued.chain)  # a verifier's decoding (spec §8 steps 1-2) accepts it
+    decode_link(issued.chain, 0)
     header, claims = decode_unverified(issued.chain)[0]
     assert (claims["iss"], claims["sub"], claims["jti"]) == (caller, req["sub"], issued.jti)
     assert claims["cnf"]["jwk"] == req["holder_jwk"]

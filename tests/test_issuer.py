@@ -583,6 +583,23 @@ def test_the_bounds_themselves_are_allowed(env: Env, changes: dict[str, Any]) ->
     env.verify(issued.chain)
 
 
+
+def test_a_link_over_the_size_limit_is_refused_before_the_hsm_signs(env: Env) -> None:
+    """Each capability is valid and within the grant, but 64 of them make a link
+    over the 8 KiB every verifier accepts (spec §2): refused, nothing signed,
+    nothing recorded; the twin with fewer capabilities is issued."""
+    caps = (ORDERS_READ, *({"res": f"api/orders/{n:03d}-{'x' * 90}", "act": ["read"]}
+                           for n in range(63)))
+
+    with pytest.raises(InvalidRequest, match="over 8192 bytes"):
+        env.issuer.delegate(ORCH, request(caps=caps))
+
+    assert env.keys.signatures == 0
+    assert env.records("delegate") == []
+    issued = env.issuer.delegate(ORCH, request(caps=caps[:8]))
+    assert len(issued.chain) <= 8192
+    env.verify(issued.chain)
+
 @pytest.mark.parametrize("caller", ["", "spiffe://acme.example/\x07bell", "x" * 257])
 def test_a_caller_that_is_no_principal_is_unauthenticated(env: Env, caller: str) -> None:
     with pytest.raises(Unauthenticated):

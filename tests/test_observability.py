@@ -215,7 +215,7 @@ def test_decisions_are_json_lines_with_their_fields_and_no_secret(
         assert TIME.fullmatch(entry["time"])
 
     (allowed,) = [e for e in lines if e.get("decision") == "allow"]
-    assert allowed["level"] == "INFO"
+    assert allowed["level"] == "DEBUG"  # INFO would be a line per call: see docs/operations.md
     assert allowed["logger"] == "mandate.signer"
     assert {k: allowed[k] for k in ("caller", "sub", "jti", "kid", "method", "code")} == {
         "caller": ORCH, "sub": "agent:support/refund-7", "jti": reply.jti,
@@ -320,6 +320,8 @@ def test_serve_logs_in_the_configured_format_and_serves_metrics(
     with Server(site) as server:
         done = delegate(site, server, Holder.generate())
         assert done.returncode == 0, done.stderr
+        denied = delegate(site, server, Holder.generate(), ttl=10**6)
+        assert denied.returncode == 1, denied.stderr
         found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics",
                           server.log.read_text())
         assert found, server.log.read_text()
@@ -331,11 +333,13 @@ def test_serve_logs_in_the_configured_format_and_serves_metrics(
     assert code == 0, text
     for secret in (CLI_USER_PIN, CLI_SO_PIN):
         assert secret not in text
+    # At INFO a denial has its line; an issued link has its audit record only.
     if log_format == "text":
-        assert " INFO mandate.signer: delegate caller=" in text
+        assert " INFO mandate.signer: deny caller=" in text
+        assert "delegate caller=" not in text
         return
     lines = [json.loads(line) for line in text.splitlines()]
-    (allowed,) = [e for e in lines if e.get("decision") == "allow"]
-    assert allowed["caller"] == ORCH
-    assert allowed["jti"]
+    (deny,) = [e for e in lines if e.get("decision") == "deny"]
+    assert (deny["caller"], deny["reason"]) == (ORCH, "ttl_exceeds_max")
+    assert not [e for e in lines if e.get("decision") == "allow"]
     assert any(e["message"] == "stopped" for e in lines)
