@@ -63,6 +63,7 @@ from verifier_sdk._link import check_header, encode_jws, split_jws
 
 from ._errors import ConfigError, Unavailable
 from ._keys import KeySigner
+from ._sync import OneShot
 
 __all__ = [
     "CHECKPOINT_TYP",
@@ -539,7 +540,7 @@ class _Job:
 
     def __init__(self, fields: dict[str, Any] | None) -> None:
         self.fields = fields
-        self.done = threading.Event()
+        self.done = OneShot()
         self.record: AuditRecord | None = None
         self.checkpoint: Checkpoint | None = None
         self.error: str | None = None

@@ -38,6 +38,7 @@ from typing import Any
 from ._config import Config
 from ._errors import ConfigError, SignerError, Unavailable
 from ._service import CallValues, Outcome
+from ._sync import OneShot
 
 log = logging.getLogger("mandate.signer")
 
@@ -56,7 +57,7 @@ class _Waiter:
     __slots__ = ("done", "result")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        self.done = OneShot()
         self.result: Any = None
 
 
