@@ -10,9 +10,11 @@ TLS on 127.0.0.1.
 * daemon: the real ``signer._server.Daemon`` (policy, HSM signing, durable
   audit with group commit, issued-link state), logging as ``mandate serve``
   does. Called: ``mandate.v1.Signer/Delegate``.
-* bare: a generic gRPC handler that only signs the request bytes with the
-  same backend (``open_hsm`` → ``Pkcs11KeyStore`` → ``Pkcs11KeySigner.sign``)
-  and returns the signature. The request is as long as a link's signing input.
+* bare: the daemon's own gRPC handlers (``signer._server._handlers``: the
+  request read under the server's time cap) around a call that only signs
+  the request bytes with the same backend (``open_hsm`` → ``Pkcs11KeyStore``
+  → ``Pkcs11KeySigner.sign``) and returns the signature. The request is as
+  long as a link's signing input.
 
 Load comes from a separate client process (its own GIL): a closed loop that
 keeps 1, 8 or 32 calls in flight on one mTLS channel, for a warm-up and then
@@ -160,18 +162,21 @@ issuer = "mandate-signer-bench"
 
 def start_bare(config: Any) -> tuple[int, Callable[[], None]]:
     """The bare signing RPC on the daemon's server stack; returns (port, stop)."""
-    from signer._server import grpc_server, open_hsm
+    from signer._server import RequestTimer, _handlers, grpc_server, open_hsm
+    from signer._service import CallValues, Outcome
 
     keys = open_hsm(config)
     signer = keys.generate(BARE_KID, "EdDSA")
     cfg = config.server
     server = grpc_server(cfg)
+    timer = RequestTimer(cfg.rpc_time_limit_s)
 
-    def sign(request: bytes, context: grpc.ServicerContext) -> bytes:
-        return signer.sign(request)
+    def sign(method: str, request: bytes, values: CallValues) -> Outcome:
+        return signer.sign(request), None
 
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        BARE_SERVICE, {"Sign": grpc.unary_unary_rpc_method_handler(sign)}),))
+    # The daemon's own handler wrapper: the request read under the server's
+    # time cap, the caller's values taken from the call.
+    server.add_generic_rpc_handlers(_handlers([f"/{BARE_SERVICE}/Sign"], sign, timer))
     creds = grpc.ssl_server_credentials(
         [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
         root_certificates=Path(cfg.client_ca).read_bytes(), require_client_auth=True,
@@ -181,6 +186,7 @@ def start_bare(config: Any) -> tuple[int, Callable[[], None]]:
 
     def stop() -> None:
         server.stop(1).wait()
+        timer.close()
         keys.token.close()
 
     return port, stop
