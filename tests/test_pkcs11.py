@@ -20,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from helpers import AUD, REFUND, REFUND_CAP
+from helpers import AUD, REFUND, REFUND_CAP, run_together
 from hsm_fixtures import SoftHsm
 
 from signer._errors import ConfigError, Unavailable
@@ -205,25 +205,15 @@ def test_sixteen_threads_sign_at_once_on_two_tokens(
             second.generate_key(label, alg)
         pool = [signers[alg], second.signer(label)]
         results: list[tuple[Pkcs11KeySigner, bytes, bytes]] = []
-        errors: list[BaseException] = []
-        start = threading.Barrier(threads_n)
 
         def work(n: int) -> None:
             signer = pool[n % 2]
-            try:
-                start.wait(timeout=10)
-                for i in range(per_thread):
-                    data = f"thread {n} message {i}".encode()
-                    results.append((signer, data, signer.sign(data)))
-            except BaseException as exc:
-                errors.append(exc)
+            for i in range(per_thread):
+                data = f"thread {n} message {i}".encode()
+                results.append((signer, data, signer.sign(data)))
 
-        threads = [threading.Thread(target=work, args=(n,)) for n in range(threads_n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=30)
-        assert not any(t.is_alive() for t in threads)
+        errors, running = run_together(work, threads_n, join_s=30)
+        assert running == 0
     assert errors == []
     assert len(results) == threads_n * per_thread
     assert len({data for _, data, _ in results}) == threads_n * per_thread
