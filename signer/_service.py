@@ -279,11 +279,11 @@ class SignerService(pb_grpc.SignerServicer):
             raise
         # Every link is in the audit log; at INFO this would be one line per call.
         log.debug("delegate caller=%s sub=%s jti=%s replay=%s", caller, request.sub,
-                 issued.jti, issued.idempotent_replay,
-                 extra={"method": "Delegate", "code": "OK", "caller": caller,
-                        "sub": request.sub, "jti": issued.jti, "kid": issued.kid,
-                        "decision": "allow", "replay": issued.idempotent_replay,
-                        "duration_ms": _ms(start)})
+                  issued.jti, issued.idempotent_replay,
+                  extra={"method": "Delegate", "code": "OK", "caller": caller,
+                         "sub": request.sub, "jti": issued.jti, "kid": issued.kid,
+                         "decision": "allow", "replay": issued.idempotent_replay,
+                         "duration_ms": _ms(start)})
         return pb.DelegateResponse(chain=issued.chain, jti=issued.jti, kid=issued.kid,
                                    expires_at=issued.expires_at,
                                    idempotent_replay=issued.idempotent_replay)
