@@ -20,7 +20,7 @@ from verifier_sdk._encoding import b64url_decode, canonical_json, parse_json_obj
 from verifier_sdk._holder import root_token
 from verifier_sdk._keys import ALGORITHMS, public_key_from_jwk
 from verifier_sdk._link import MAX_LINK_BYTES, MAX_USE, check_jti, check_kid, check_principal
-from verifier_sdk._revocation import MAX_REVOCATION_LIST_BYTES
+from verifier_sdk._revocation import MAX_REVOCATION_LIST_BYTES, revocation_list_bytes
 
 from ._errors import (
     InvalidRequest,
@@ -333,7 +333,8 @@ class Issuer:
         with self._list_lock, self._state.lock("revocation-list"):
             record = self.active_key(now)
             listed = self._live_revocations(now)
-            size = _list_size(record, self._list_issuer, {*listed, *(j for j, _ in entries)})
+            size = revocation_list_bytes(alg=record.alg, kid=record.kid, iss=self._list_issuer,
+                                         revoked={*listed, *(j for j, _ in entries)})
             if size > MAX_REVOCATION_LIST_BYTES:
                 raise LimitReached(
                     f"the revocation list would grow to {size} bytes, over the "
@@ -359,6 +360,11 @@ class Issuer:
             if stored is not None and _fresh(stored, record, now):
                 return PublishedList(stored.token, stored.seq, stored.exp)
             return self._sign_list(now, record)
+
+    def prune(self) -> tuple[int, int]:
+        """Forget issued links and revocations whose links ended more than
+        REVOCATION_MARGIN_S ago (StateStore.prune): (links, revocations)."""
+        return self._state.prune(dead_before=int(self._clock()) - REVOCATION_MARGIN_S)
 
     def _live_revocations(self, now: int) -> list[str]:
         return self._state.revoked_jtis(live_after=now - REVOCATION_MARGIN_S)
@@ -397,12 +403,3 @@ def _fresh(stored: StoredList, record: KeyRecord, now: int) -> bool:
 def _kid_of(token: str) -> object:
     """The kid in a stored list's header (read alone: the payload may be 1 MiB)."""
     return parse_json_object(b64url_decode(token.partition(".")[0])).get("kid")
-
-
-def _list_size(record: KeyRecord, iss: str, revoked: Iterable[str]) -> int:
-    """Bytes of a list holding ``revoked``, signed by ``record``'s key, with its
-    numbers at their widest: an upper bound of what `_sign_list` would make."""
-    return len(make_revocation_list(
-        alg=record.alg, kid=record.kid, sign=lambda _: bytes(64), iss=iss,
-        seq=MAX_TIME, iat=MAX_TIME - 1, exp=MAX_TIME, revoked=revoked,
-    ))

@@ -21,7 +21,7 @@ from softhsm import SoftHsmError, find_module
 
 from ._audit import AuditLog
 from ._config import Config, ServerConfig
-from ._errors import ConfigError, NotFound
+from ._errors import ConfigError, NotFound, Unavailable
 from ._issuer import Audit, Issuer
 from ._keys import KeySigner, KeyStore
 from ._metrics import Metrics, parse_listen
@@ -47,6 +47,7 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["SignerAdmin"].full_name,
 )
 HEALTH_PROBE_INTERVAL_S = 1.0
+PRUNE_INTERVAL_S = 600.0  # and once at start
 
 
 def open_hsm(config: Config,
@@ -194,9 +195,24 @@ class Core:
 
     def _probe_loop(self) -> None:
         token = self.token
+        pruned_at = time.monotonic()
         while not self._closed.wait(HEALTH_PROBE_INTERVAL_S):
             if token is not None and not token.healthy:
                 token.probe()
+            if time.monotonic() - pruned_at >= PRUNE_INTERVAL_S:
+                pruned_at = time.monotonic()
+                self.prune()
+
+    def prune(self) -> None:
+        """Keep the state store from growing with every link ever issued."""
+        try:
+            links, revocations = self.issuer.prune()
+        except Unavailable as exc:
+            log.warning("pruning the state store failed (tried again later): %s", exc.message)
+            return
+        if links or revocations:
+            log.info("state store: forgot %d expired links and %d of their revocations",
+                     links, revocations)
 
     def dispatcher(self) -> Dispatcher:
         cfg = self.config.server
@@ -234,6 +250,7 @@ class Core:
 
     def started(self, port: int) -> None:
         """The front end serves on ``port``: record it, watch the HSM."""
+        self.prune()
         threading.Thread(target=self._probe_loop, name="hsm-probe", daemon=True).start()
         self.audit.append("start", caller="daemon", decision="ok", detail={"port": port})
 

@@ -280,6 +280,18 @@ class StateStore:
     def by_idempotency_key(self, caller: str, key: str) -> IssuedLink | None:
         return self._issued("caller = ? AND idempotency_key = ?", (caller, key))
 
+    def prune(self, *, dead_before: int) -> tuple[int, int]:
+        """Forget the issued links, and the revocations of links, that expired
+        before ``dead_before``: no verifier accepts them any more, so neither an
+        idempotent retry nor a revocation list needs them (revocations of
+        unknown links, whose end is not known, stay). Returns how many of each."""
+        with self._tx(durable=False) as db:
+            links = db.execute("DELETE FROM issued WHERE exp < ?", (dead_before,)).rowcount
+            revocations = db.execute(
+                "DELETE FROM revoked WHERE exp IS NOT NULL AND exp < ?", (dead_before,)
+            ).rowcount
+        return int(links), int(revocations)
+
     # --- revocations -------------------------------------------------------
 
     def revoke(self, entries: list[tuple[str, int | None]], *, by: str, reason: str,

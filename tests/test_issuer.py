@@ -918,6 +918,34 @@ def test_revoked_jtis_are_pruned_after_their_link_expires_plus_margin(build: Bui
     assert listed_at(last_needed + 61) == {offline}  # an unknown link's jti stays
 
 
+def test_the_state_forgets_links_once_they_are_dead_everywhere(env: Env) -> None:
+    """StateStore.prune, as the daemon runs it: an issued link and its revocation
+    are kept until the link's exp plus the margin, then forgotten; a revocation of
+    an unknown link stays, and lists and retries behave as before."""
+    retry = request(ttl=60)
+    link = env.issuer.delegate(ORCH, retry)
+    offline = new_jti()
+    env.issuer.revoke(ORCH, [link.jti])
+    env.issuer.revoke(ADMIN, [offline])
+    live = env.issuer.delegate(ORCH, request(ttl=600))
+
+    env.clock.now = link.expires_at + REVOCATION_MARGIN_S - 1
+    assert env.issuer.prune() == (0, 0)  # twin: not yet
+    assert env.issuer.delegate(ORCH, retry).jti == link.jti  # still an idempotent replay
+
+    env.clock.now = link.expires_at + REVOCATION_MARGIN_S + 1
+    assert env.issuer.prune() == (1, 1)
+
+    assert env.state.issued(link.jti) is None
+    assert env.state.issued(live.jti) is not None
+    assert env.state.revoked_jtis(live_after=0) == [offline]
+    another = new_jti()
+    published = env.issuer.revoke(ADMIN, [another])  # the next list, as it would be anyway
+    assert verify_revocation_list(published.token, env.bundle()).revoked == {offline, another}
+    assert env.issuer.delegate(ORCH, retry).jti != link.jti  # the dead link is not replayed
+    assert env.issuer.prune() == (0, 0)
+
+
 def test_a_list_never_outlives_its_signing_key(env: Env) -> None:
     start = T0 + 100
     _, old = env.issuer.rotate("k2", "EdDSA", not_before=start, max_link_ttl_s=MAX_TTL)

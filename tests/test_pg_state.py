@@ -5,6 +5,7 @@ concurrent writers, tamper detection and a lost connection."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -237,6 +238,24 @@ def test_one_idempotency_key_records_one_link(replicas: tuple[StateStore, StateS
     with pytest.raises(Unavailable, match="duplicate key"):
         b.record_issued(link("j2", "idem-1"))
     assert b.by_idempotency_key("orch", "idem-1") == link("j1", "idem-1")
+
+
+def test_pruning_on_one_replica_forgets_for_both(replicas: tuple[StateStore, StateStore]
+                                                 ) -> None:
+    a, b = replicas
+    dead = dataclasses.replace(link("j1", "idem-1"), exp=1_000)
+    a.record_issued(dead)
+    a.record_issued(link("j2", "idem-2"))
+    b.revoke([("j1", 1_000), ("j2", 2_000_000_000), ("offline", None)], by="orch",
+             reason="r", now=1)
+
+    assert b.prune(dead_before=1_000) == (0, 0)  # twin: exp is not before 1,000
+    assert b.prune(dead_before=1_001) == (1, 1)
+
+    assert a.issued("j1") is None
+    assert a.by_idempotency_key("orch", "idem-1") is None
+    assert a.issued("j2") == link("j2", "idem-2")
+    assert a.revoked_jtis(live_after=0) == ["j2", "offline"]
 
 
 def test_the_list_seq_never_goes_back_or_repeats(replicas: tuple[StateStore, StateStore]

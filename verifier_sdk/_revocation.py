@@ -88,13 +88,27 @@ def verify_revocation_list(token: object, bundle: TrustBundle) -> RevocationList
     )
 
 
-def make_revocation_list(*, alg: str, kid: str, sign: Callable[[bytes], bytes], iss: str,
-                         seq: int, iat: int, exp: int, revoked: Iterable[str]) -> str:
-    """Build and sign a list; the issuer's side of §7 (the daemon, tests)."""
+def _encode(*, alg: str, kid: str, sign: Callable[[bytes], bytes], iss: str, seq: int,
+            iat: int, exp: int, revoked: Iterable[str]) -> str:
     payload = {
         "v": 1, "iss": iss, "seq": seq, "iat": iat, "exp": exp, "rev": sorted(set(revoked)),
     }
-    token = encode_jws({"alg": alg, "typ": RL_TYP, "kid": kid}, payload, sign)
+    return encode_jws({"alg": alg, "typ": RL_TYP, "kid": kid}, payload, sign)
+
+
+def revocation_list_bytes(*, alg: str, kid: str, iss: str, revoked: Iterable[str]) -> int:
+    """The most bytes a list of ``revoked`` can take, whatever its seq and times
+    (numbers at their widest, a 64-byte signature as both algs make): what an
+    issuer checks against MAX_REVOCATION_LIST_BYTES before it revokes more."""
+    return len(_encode(alg=alg, kid=kid, sign=lambda _: bytes(64), iss=iss, seq=_MAX_TIME,
+                       iat=_MAX_TIME - 1, exp=_MAX_TIME, revoked=revoked))
+
+
+def make_revocation_list(*, alg: str, kid: str, sign: Callable[[bytes], bytes], iss: str,
+                         seq: int, iat: int, exp: int, revoked: Iterable[str]) -> str:
+    """Build and sign a list; the issuer's side of §7 (the daemon, tests)."""
+    token = _encode(alg=alg, kid=kid, sign=sign, iss=iss, seq=seq, iat=iat, exp=exp,
+                    revoked=revoked)
     try:
         _parse(token)  # never publish what a verifier would refuse as malformed
     except ValueError as exc:
