@@ -23,6 +23,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any, TypeVar
 
 import pkcs11
+import pkcs11._pkcs11 as _p11_native
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11e
 
@@ -255,7 +256,7 @@ def _describe(session: Any, private: Any) -> KeyInfo:
         Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: curve.key_type,
     }
     query.update({Attribute.ID: key_id} if key_id else {Attribute.LABEL: label})
-    publics = list(session.get_objects(query))
+    publics = _exhaust(session, query)
     if len(publics) != 1:
         raise _Unsupported(f"{len(publics)} public keys match, not 1")
     try:
@@ -266,10 +267,30 @@ def _describe(session: Any, private: Any) -> KeyInfo:
                    public_jwk=MappingProxyType(jwk), flags=MappingProxyType(_flags(private)))
 
 
+# Objects fetched per C_FindObjects call (python-pkcs11's get_objects default).
+_SEARCH_BATCH = 10
+# What get_objects drives in python-pkcs11 0.10 (the package's stubs leave it out).
+_SEARCH_ITER: Any = getattr(_p11_native, "SearchIter", None)
+
+
 def _exhaust(session: Any, query: Mapping[Attribute, Any]) -> list[Any]:
-    # Always run a search to its end: an abandoned one leaves C_FindObjects
-    # active on the session until garbage collection.
-    return list(session.get_objects(dict(query)))
+    """Every object matching ``query``; the search is finished when this returns or raises.
+
+    An abandoned search stays active on the session until garbage collection.
+    And python-pkcs11 (0.10) marks a search active before C_FindObjectsInit, so
+    one refused there (a lost session) is never finished: its finaliser calls
+    C_FindObjectsFinal on the dead session and prints the error as an ignored
+    exception. So the search is finished here, that error dropped.
+    """
+    if _SEARCH_ITER is None:  # a python-pkcs11 without it: its own search
+        return list(session.get_objects(dict(query)))
+    search = _SEARCH_ITER(session, dict(query), _SEARCH_BATCH)
+    try:
+        with search:  # C_FindObjectsInit ... C_FindObjectsFinal
+            return [obj for batch in search for obj in batch]
+    finally:
+        with contextlib.suppress(p11e.PKCS11Error):
+            search._finalize()  # a no-op unless C_FindObjectsInit failed
 
 
 # --- the module and its lock -------------------------------------------------------

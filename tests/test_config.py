@@ -271,6 +271,48 @@ def test_bad_toml_names_the_file(tmp_path: Path, text: str) -> None:
         load_config(write(tmp_path, text))
 
 
+# --- hostile files: each a ConfigError, never a crash or another exception ------------
+
+# 1,000 levels exceed Python's recursion limit however deep the caller's stack is.
+DEEP = 1_000
+
+HOSTILE = [
+    # int() refuses 4,300 digits or more with a ValueError that tomllib passes on.
+    pytest.param("[server]\nworkers = " + "9" * 5000 + "\n",
+                 r"signer\.toml: Exceeds the limit \(4300 digits\)", id="int-5000-digits"),
+    pytest.param("[server]\nrpc_time_limit_s = 1e400\n",
+                 r"\[server\] rpc_time_limit_s must be a positive number", id="float-overflow"),
+    pytest.param("[server]\nworkers = " + "[" * DEEP + "]" * DEEP + "\n",
+                 r"signer\.toml: nested too deeply$", id="arrays-nested-deep"),
+    pytest.param("[server]\nlisten = " + "{ a = " * DEEP + "1" + " }" * DEEP + "\n",
+                 r"signer\.toml: nested too deeply$", id="inline-tables-nested-deep"),
+    pytest.param('[hsm]\ntoken_label = "mandate\x00"\n',
+                 r"signer\.toml: Illegal character '\\x00'", id="nul-byte-in-a-string"),
+    pytest.param("# \x00\n", r"signer\.toml: Found invalid character '\\x00'",
+                 id="nul-byte-in-a-comment"),
+    pytest.param('[server]\ntls_cert = "server.pem\\u0000.evil"\n',
+                 r"signer\.toml: a value holds a NUL character$", id="escaped-nul-in-a-path"),
+    pytest.param('[hsm]\npin_env = "MANDATE_HSM_PIN\\u0000"\n',
+                 r"signer\.toml: a value holds a NUL character$", id="escaped-nul-in-a-name"),
+    pytest.param('[server]\n"listen\\u0000" = "127.0.0.1:1"\n',
+                 r"signer\.toml: a value holds a NUL character$", id="escaped-nul-in-a-key"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), HOSTILE)
+def test_a_hostile_file_is_a_config_error(tmp_path: Path, extra: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(write(tmp_path, extra + MINIMAL))
+    assert type(info.value) is ConfigError
+
+
+def test_nesting_that_parses_is_refused_by_the_type_check(tmp_path: Path) -> None:
+    """The twin of the deep rows: 100 levels are valid TOML, and not an integer."""
+    with pytest.raises(ConfigError, match=r"\[server\] workers must be a positive integer"):
+        load_config(write(tmp_path, "[server]\nworkers = " + "[" * 100 + "]" * 100 + "\n"
+                          + MINIMAL))
+
+
 def test_the_smallest_good_values_load(tmp_path: Path) -> None:
     """Twin of the fault table: the same keys, one step inside their bounds, load."""
     config = load_config(write(tmp_path, """

@@ -50,12 +50,6 @@ from verifier_sdk import Holder, TrustBundle
 from verifier_sdk._encoding import b64url_decode, sha256_b64
 from verifier_sdk._keys import public_key_from_jwk
 
-# A search whose session died under it is finalised again when python-pkcs11
-# collects it; the library reports that to sys.unraisablehook, nothing fails.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in.*OperationContext:pytest.PytestUnraisableExceptionWarning"
-)
-
 SIGNER_SERVICE = "mandate.v1.Signer"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

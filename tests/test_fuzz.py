@@ -1,4 +1,4 @@
-"""Fuzzing every parser and entry point (issue 5): chains, PoPs, revocation lists,
+"""Fuzzing every parser and entry point: chains, PoPs, revocation lists,
 trust bundles, policy and config files, and the daemon's gRPC requests, both as
 field values and as raw bytes on a real mutual-TLS channel.
 

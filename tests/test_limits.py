@@ -1,4 +1,4 @@
-"""Resource exhaustion (issue 5): oversize and deeply nested inputs get the
+"""Resource exhaustion: oversize and deeply nested inputs get the
 spec's codes and links; the worst-case valid chain (16 links × 64
 capabilities, filled to the size limits) verifies; full stores fail closed
 without growing. Behaviour only; bench/limits.py measures the times."""

@@ -9,7 +9,9 @@ injected, at the one seam where the backend opens its session.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,12 +37,6 @@ from signer._pkcs11 import (
 from verifier_sdk import Holder, TrustBundle, VerificationError, Verifier, issue_root
 from verifier_sdk._encoding import b64url_encode
 from verifier_sdk._keys import public_key_from_jwk
-
-# A search whose session died under it is finalised again when python-pkcs11
-# collects it; the library reports that to sys.unraisablehook, nothing fails.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in.*OperationContext:pytest.PytestUnraisableExceptionWarning"
-)
 
 ALGS = ["EdDSA", "ES256"]
 NOW = 1_800_000_000
@@ -375,6 +371,24 @@ def test_session_closed_under_the_backend_is_reopened_transparently(
     assert opens == [1]
     assert tok._conn.session is not old
     assert tok.healthy
+    assert changes == []
+
+
+def test_a_search_on_a_lost_session_is_finished_at_once_and_prints_nothing(
+    faulty: tuple[Pkcs11Token, Pkcs11KeySigner, list[bool]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """python-pkcs11 leaves a search that C_FindObjectsInit refused marked active;
+    its finaliser would call C_FindObjectsFinal on the dead session and print the
+    error. The backend finishes every search itself."""
+    tok, _signer, changes = faulty
+    ignored: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
+    opens = spy_open(monkeypatch, tok)
+    tok._conn.session.close()  # the next search starts on a dead session
+    assert "fault-key" in {k.label for k in tok.list_keys()}  # reopened, searched again
+    gc.collect()
+    assert [(type(u.exc_value).__name__, repr(u.object)) for u in ignored] == []
+    assert opens == [1]
     assert changes == []
 
 

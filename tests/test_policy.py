@@ -204,6 +204,100 @@ def test_load_unreadable(tmp_path: Path) -> None:
         Policy.load(latin1)
 
 
+# --- hostile files: each a ConfigError, never a crash or another exception ------------
+
+CEILING = '[{{ res = "a", act = ["get"], if = {{ n = {{ {op} = {bound} }} }} }}]'
+
+HUGE_INTEGERS = [
+    ("max-ttl-10e30", grant(max_ttl=str(10**30)),
+     f"{G1}: max_ttl: an int in 1..2147483647, not {10**30}"),
+    # int() refuses 4,300 digits or more with a ValueError that tomllib passes on.
+    ("max-ttl-5000-digits", grant(max_ttl="9" * 5000), "policy: not valid TOML: Exceeds the limit"),
+    ("bound-5000-digits", grant(caps=CEILING.format(op="le", bound="9" * 5000)),
+     "policy: not valid TOML: Exceeds the limit"),
+    ("bound-2^53", grant(caps=CEILING.format(op="le", bound=2**53)),
+     f"{G1}: caps[1]: n le: an int"),
+    ("bound-minus-2^53", grant(caps=CEILING.format(op="ge", bound=-(2**53))),
+     f"{G1}: caps[1]: n ge: an int"),
+    ("in-item-2^63", grant(caps=CEILING.format(op="in", bound=f"[1, {2**63}]")),
+     f"{G1}: caps[1]: n in: items are strings or ints"),
+]
+
+
+@pytest.mark.parametrize(("text", "words"), [r[1:] for r in HUGE_INTEGERS],
+                         ids=[r[0] for r in HUGE_INTEGERS])
+def test_a_huge_integer_is_a_config_error(text: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Policy.from_toml(text)
+    assert type(info.value) is ConfigError
+    assert words in info.value.message
+
+
+def test_the_largest_safe_bound_parses() -> None:
+    """The twin of the bound rows above: 2^53 - 1 is a bound a request can meet."""
+    text = grant(caps=CEILING.format(op="le", bound=2**53 - 1))
+    assert Policy.from_toml(text).grants[0].caps[0].raw["if"]["n"]["le"] == 2**53 - 1
+
+
+# 1,000 levels exceed Python's recursion limit however deep the caller's stack is.
+DEEP = 1_000
+DEEP_NESTING = [
+    ("caps-arrays", grant(caps="[" * DEEP + "]" * DEEP)),
+    ("caps-inline-tables", grant(caps="{ a = " * DEEP + "1" + " }" * DEEP)),
+    ("constraint-eq-tables", grant(caps='[{ res = "a", act = ["get"], if = { n = '
+                                        + "{ eq = " * DEEP + "1" + " }" * DEEP + " } }]")),
+    ("constraint-in-arrays",
+     grant(caps=CEILING.format(op="in", bound="[" * DEEP + "1" + "]" * DEEP))),
+    ("admins-arrays", "admins = " + "[" * DEEP + "]" * DEEP + "\n"),
+]
+
+
+@pytest.mark.parametrize("text", [r[1] for r in DEEP_NESTING], ids=[r[0] for r in DEEP_NESTING])
+def test_deep_nesting_is_a_config_error(text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Policy.from_toml(text)
+    assert type(info.value) is ConfigError
+    assert info.value.message == "policy: not valid TOML: nested too deeply"
+
+
+def test_nesting_that_parses_is_refused_by_the_field_check() -> None:
+    """The twin: 100 levels are valid TOML, and the constraint's check refuses them."""
+    text = grant(caps=CEILING.format(op="in", bound="[" * 100 + "1" + "]" * 100))
+    with pytest.raises(ConfigError, match=r"caps\[1\]: n in: items are strings or ints"):
+        Policy.from_toml(text)
+
+
+NUL_BYTES = [
+    ("in-a-string", grant(caller='"spiffe://acme/\x00orch"'), "not valid TOML: Illegal character"),
+    ("in-a-comment", "# \x00\n" + grant(), "not valid TOML: Found invalid character"),
+    ("in-a-key", grant() + "max\x00_dpt = 1\n", "not valid TOML"),
+    ("escaped-in-the-caller", grant(caller='"spiffe://acme/\\u0000orch"'),
+     "grant 1: caller: caller is not a principal"),
+    ("escaped-in-a-subject", grant(subjects='["spiffe://acme/\\u0000"]'),
+     "subjects: \"spiffe://acme/\\u0000\": an entry is not a principal"),
+    ("escaped-in-a-resource", grant(caps='[{ res = "a\\u0000b", act = ["get"] }]'),
+     f"{G1}: caps[1]: bad segment"),
+    ("escaped-in-the-key", grant(key='"k\\u0000"'), f"{G1}: key: kid is not"),
+]
+
+
+@pytest.mark.parametrize(("text", "words"), [r[1:] for r in NUL_BYTES],
+                         ids=[r[0] for r in NUL_BYTES])
+def test_a_nul_byte_is_a_config_error(text: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Policy.from_toml(text)
+    assert type(info.value) is ConfigError
+    assert words in info.value.message
+    assert info.value.message.startswith("policy: ")
+
+
+def test_a_nul_byte_in_a_file_on_disk_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_bytes(grant().encode() + b"\x00\n")
+    with pytest.raises(ConfigError, match=rf"^policy {path}: not valid TOML: "):
+        Policy.load(path)
+
+
 # --- subject globs -------------------------------------------------------------------
 
 GLOBS = [

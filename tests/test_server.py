@@ -231,6 +231,38 @@ def test_invalid_requests_are_invalid_argument(env: Env) -> None:
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize(
+    ("method", "payload"),
+    [
+        ("/mandate.v1.Signer/Delegate", b"\xff\xff\xff"),
+        ("/mandate.v1.Signer/Delegate", b"\x0a\x05ab"),
+        ("/mandate.v1.Signer/Revoke", b"\x0a\x02\xc3\x28"),
+        ("/mandate.v1.SignerAdmin/RotateKey", b"\x07"),
+    ],
+    ids=["not-protobuf", "field-cut-short", "string-not-utf8", "wire-type-7"],
+)
+def test_request_bytes_that_do_not_decode_are_invalid_argument(
+        hsm: SoftHsm, tmp_path: Path, method: str, payload: bytes) -> None:
+    """The client's fault, not the server's: never INTERNAL or UNKNOWN, nothing
+    audited, and the daemon serves the next call."""
+    running = start_daemon(hsm, tmp_path, DevCA())
+    try:
+        before = running.daemon.audit.records()
+        call = running.channel(ADMIN).unary_unary(method)  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as err:
+            call(payload, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == "malformed request message"
+        assert running.daemon.audit.records() == before
+        # The twin: a well-formed request on the same kind of channel is served.
+        delegate = running.channel(ORCH).unary_unary("/mandate.v1.Signer/Delegate")
+        reply = pb.DelegateResponse.FromString(
+            delegate(delegate_request(Holder.generate()).SerializeToString(), timeout=10))
+        assert [r.event for r in running.daemon.audit.records(jti=reply.jti)] == ["delegate"]
+    finally:
+        running.daemon.stop(grace=1)
+
+
 def test_a_retry_with_the_same_idempotency_key_returns_the_same_link(env: Env) -> None:
     stub = env.stub()
     holder = Holder.generate()
