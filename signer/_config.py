@@ -27,7 +27,7 @@ class ServerConfig:
     client_ca: Path | None = None  # CA bundle that client certificates must chain to
     plaintext_loopback: bool = False  # development only: no TLS, loopback only
     max_message_bytes: int = 65_536
-    max_concurrent_rpcs: int = 64  # beyond it: RESOURCE_EXHAUSTED, never a queue
+    max_concurrent_rpcs: int = 64  # calls in flight, queued ones included; beyond: refused
     workers: int = 16
     rpc_time_limit_s: float = 5.0  # server-side cap on one call
     shutdown_grace_s: float = 10.0
@@ -109,16 +109,38 @@ def _section(cls: type[Any], data: Any, name: str, base: Path) -> Any:
         elif isinstance(default, int):
             if type(value) is not int or value < 1:
                 raise ConfigError(f"config: [{name}] {key} must be a positive integer")
+            _at_most(name, key, value)
             values[key] = value
         elif isinstance(default, float):
             if type(value) not in (int, float) or not 0 < value < math.inf:
                 raise ConfigError(f"config: [{name}] {key} must be a positive number")
+            _at_most(name, key, value)
             values[key] = float(value)
         else:
             if not isinstance(value, str):
                 raise ConfigError(f"config: [{name}] {key} must be a string")
             values[key] = value
     return cls(**values)
+
+
+# The largest value each number may take: beyond them a setting is a mistake
+# (or would overflow gRPC's C ints, or push times past the JSON safe range).
+MAXIMA: dict[tuple[str, str], int | float] = {
+    ("server", "max_message_bytes"): 16 * 2**20,
+    ("server", "max_concurrent_rpcs"): 65_536,
+    ("server", "workers"): 1_024,
+    ("server", "rpc_time_limit_s"): 3_600.0,
+    ("server", "shutdown_grace_s"): 3_600.0,
+    ("audit", "checkpoint_every"): 1_000_000,
+    ("audit", "checkpoint_interval_s"): 86_400.0,
+    ("revocation", "list_ttl_s"): 30 * 86_400,
+}
+
+
+def _at_most(section: str, key: str, value: float) -> None:
+    limit = MAXIMA.get((section, key))
+    if limit is not None and value > limit:
+        raise ConfigError(f"config: [{section}] {key} must be at most {limit:,}")
 
 
 def _holds_nul(value: Any) -> bool:

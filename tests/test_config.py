@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from signer._config import (
+    MAXIMA,
     AuditConfig,
     Config,
     HsmConfig,
@@ -327,3 +328,19 @@ list_ttl_s = 1
     assert (config.server.workers, config.server.rpc_time_limit_s) == (1, 0.001)
     assert config.server.plaintext_loopback is True
     assert config.revocation.list_ttl_s == 1
+
+
+@pytest.mark.parametrize(("section", "key"),
+                         [pytest.param(*k, id=".".join(k)) for k in MAXIMA])
+def test_each_number_has_a_largest_value(tmp_path: Path, section: str, key: str) -> None:
+    """Past its largest value a number is refused with the bound named (2**63
+    bytes of message used to reach gRPC and fail there with an OverflowError);
+    the largest value itself loads."""
+    limit = MAXIMA[(section, key)]
+    over = limit + 1 if isinstance(limit, int) else limit * 2
+
+    with pytest.raises(ConfigError, match=rf"\[{section}\] {key} must be at most {limit:,}"):
+        load_config(write(tmp_path, f"[{section}]\n{key} = {over}\n" + MINIMAL))
+
+    config = load_config(write(tmp_path, f"[{section}]\n{key} = {limit}\n" + MINIMAL))
+    assert getattr(getattr(config, section), key) == limit
