@@ -314,6 +314,10 @@ class Journal(Protocol):
 
     def add_checkpoint(self, seq: int, token: str) -> None: ...
 
+    def probe(self) -> None:
+        """Write to the store and commit, leaving no trace; raise if it cannot."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -442,6 +446,20 @@ class _SqliteJournal:
     def add_checkpoint(self, seq: int, token: str) -> None:
         self.conn.execute("INSERT INTO checkpoints (seq, token) VALUES (?, ?)", (seq, token))
 
+    def probe(self) -> None:
+        # A row larger than a page (as much as a few dozen records), inserted and
+        # deleted in one committed transaction: it needs free pages, as the next
+        # records do, and a write to the WAL.
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", ("-" * 16_384,))
+            conn.execute("DELETE FROM meta WHERE key = 'probe'")
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+
     def close(self) -> None:
         self.conn.close()
 
@@ -534,12 +552,14 @@ def read_checkpoints(location: AuditLocation) -> list[Checkpoint]:
 
 
 class _Job:
-    """One queued append (``fields``) or checkpoint request (``fields`` None)."""
+    """One queued append (``fields``), checkpoint request (``fields`` None) or
+    store probe (``probe``)."""
 
-    __slots__ = ("checkpoint", "done", "error", "fields", "record")
+    __slots__ = ("checkpoint", "done", "error", "fields", "probe", "record")
 
-    def __init__(self, fields: dict[str, Any] | None) -> None:
+    def __init__(self, fields: dict[str, Any] | None, *, probe: bool = False) -> None:
         self.fields = fields
+        self.probe = probe
         self.done = OneShot()
         self.record: AuditRecord | None = None
         self.checkpoint: Checkpoint | None = None
@@ -582,6 +602,10 @@ class AuditLog:
         self._attempt_seq = self._signed_seq
         self._attempt_time = clock()
         self._checkpoint_error: Exception | None = None
+        # False from a failed commit or probe until one succeeds; the daemon's
+        # health follows it (set by the daemon; called on the writer thread).
+        self.healthy = True
+        self.on_health_change: Callable[[bool], None] = lambda healthy: None
         self._cond = threading.Condition()
         self._queue: list[_Job] = []
         self._closing = False
@@ -634,6 +658,11 @@ class AuditLog:
             raise ConfigError("this audit log has no checkpoint signer")
         return self._submit(_Job(None)).checkpoint
 
+    def probe(self) -> None:
+        """Check that the store takes a write now (Unavailable if not); the
+        daemon probes while the log is unhealthy, so health returns with the store."""
+        self._submit(_Job(None, probe=True))
+
     def records(self, *, caller: str | None = None, jti: str | None = None,
                 sub: str | None = None, event: str | None = None,
                 since_seq: int | None = None, limit: int | None = None) -> list[AuditRecord]:
@@ -681,7 +710,10 @@ class AuditLog:
             appends = [job for job in jobs if job.fields is not None]
             if appends:
                 self._commit(appends)
-            requests = [job for job in jobs if job.fields is None]
+            probes = [job for job in jobs if job.probe]
+            if probes:
+                self._answer_probes(probes)
+            requests = [job for job in jobs if job.fields is None and not job.probe]
             if requests:
                 self._answer_checkpoint_requests(requests)
             elif self._checkpoint_due() or (last and self._unsigned()):
@@ -725,10 +757,12 @@ class AuditLog:
             text = exc.message if isinstance(exc, Unavailable) else str(exc)
             message = f"audit store failed: {text}"
             _log.error("%s (%d records not written)", message, len(jobs))
+            self._set_healthy(False)
             for job in jobs:
                 job.error = message
                 job.done.set()
             return
+        self._set_healthy(True)
         seq, prev = records[-1].seq, records[-1].hash
         with self._cond:
             self._seq, self._head = seq, prev
@@ -772,6 +806,24 @@ class AuditLog:
             _log.warning("audit checkpoint at seq %d failed, retrying at the next "
                          "opportunity: %s", self._seq, exc)
             return None, f"audit checkpoint failed: {exc}"
+
+    def _set_healthy(self, healthy: bool) -> None:
+        if healthy != self.healthy:
+            self.healthy = healthy
+            if healthy:
+                _log.warning("audit store: writes succeed again")
+            self.on_health_change(healthy)
+
+    def _answer_probes(self, jobs: Iterable[_Job]) -> None:
+        try:
+            self._journal.probe()
+            error = None
+        except Exception as exc:  # the store's error: reported to each prober
+            error = f"audit store failed: {exc.message if isinstance(exc, Unavailable) else exc}"
+        self._set_healthy(error is None)
+        for job in jobs:
+            job.error = error
+            job.done.set()
 
     def _answer_checkpoint_requests(self, jobs: Iterable[_Job]) -> None:
         checkpoint, error = self._try_checkpoint() if self._unsigned() else (None, None)

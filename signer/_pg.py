@@ -343,6 +343,15 @@ class _PgJournal:
         except psycopg.Error as exc:
             raise Unavailable(str(exc)) from None
 
+    def probe(self) -> None:
+        # The server answers a transaction: a lost connection or a database that
+        # is down fails here (the server's own disk is its business).
+        try:
+            with self._live().transaction() as tx:
+                tx.connection.execute("SELECT 1")
+        except psycopg.Error as exc:
+            raise Unavailable(str(exc)) from None
+
     def close(self) -> None:
         self.conn.close()
 

@@ -3,6 +3,7 @@ mutual TLS, health checking, reflection and bounded resources."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import threading
@@ -175,6 +176,7 @@ class Core:
             keys, audit = self.metrics.key_store(keys), self.metrics.audit(audit)
             token = self.token
             self.metrics.watch_hsm(lambda: token is None or bool(token.healthy))
+        self.audit.on_health_change = self._audit_health
         self.issuer = Issuer(policy=self.policy, keys=keys, state=self.state,
                              audit=audit, list_issuer=config.revocation.issuer,
                              list_ttl_s=config.revocation.list_ttl_s, clock=clock)
@@ -186,12 +188,18 @@ class Core:
 
     @property
     def healthy(self) -> bool:
+        """The HSM answers and the audit store takes writes: issuance can succeed."""
         token = self.token
-        return token is None or bool(token.healthy)
+        return (token is None or bool(token.healthy)) and self.audit.healthy
 
     def _hsm_health(self, healthy: bool) -> None:
         log.warning("HSM %s", "is back" if healthy else "is unreachable: failing fast")
-        self._on_health_change(healthy)
+        self._on_health_change(self.healthy)
+
+    def _audit_health(self, healthy: bool) -> None:
+        if not healthy:
+            log.warning("audit store refuses writes: issuance fails closed, health NOT_SERVING")
+        self._on_health_change(self.healthy)
 
     def _probe_loop(self) -> None:
         token = self.token
@@ -199,6 +207,9 @@ class Core:
         while not self._closed.wait(HEALTH_PROBE_INTERVAL_S):
             if token is not None and not token.healthy:
                 token.probe()
+            if not self.audit.healthy:
+                with contextlib.suppress(Unavailable):  # still failing: logged, health as it is
+                    self.audit.probe()
             if time.monotonic() - pruned_at >= PRUNE_INTERVAL_S:
                 pruned_at = time.monotonic()
                 self.prune()

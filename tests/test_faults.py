@@ -568,9 +568,14 @@ def test_with_every_worker_busy_in_the_hsm_new_calls_are_refused_at_once_and_ser
 
 
 def test_a_full_audit_store_fails_issuance_closed_until_space_returns(running: Env) -> None:
+    """A full store refuses every link and turns health NOT_SERVING; once space
+    returns, the daemon's probe finds it and health is SERVING again before any
+    call has been made, and the refused request is issued afresh."""
     daemon = running.daemon
     bundle = running.bundle()
     stub = running.stub()
+    channel = running.channel(ORCH)
+    assert health_of(channel) == SERVING
     store = daemon.audit._conn  # the writer's connection: SQLite's own page limit as a full disk
     pages = store.execute("PRAGMA page_count").fetchone()[0]
     store.execute(f"PRAGMA max_page_count = {pages}")
@@ -595,7 +600,13 @@ def test_a_full_audit_store_fails_issuance_closed_until_space_returns(running: E
         stub.Delegate(delegate_request(Holder.generate()), timeout=CALL_TIMEOUT_S)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert daemon.audit.head == head
+    assert health_of(channel) == NOT_SERVING
+    time.sleep(1.5)  # the daemon probes each second: still full, still NOT_SERVING
+    assert health_of(channel) == NOT_SERVING
+    assert daemon.audit.head == head  # a probe leaves nothing in the log
+    back = watch_health(channel)
     store.execute("PRAGMA max_page_count = 1073741823")
+    await_status(back, SERVING)  # found by a probe, not by a call
     reply = stub.Delegate(request, timeout=CALL_TIMEOUT_S)  # the refused request, issued now
     assert not reply.idempotent_replay
     receipts[reply.jti] = reply.chain
@@ -648,7 +659,11 @@ def test_an_audit_commit_that_fails_refuses_the_link_and_issuance_resumes_after(
         assert daemon.state.by_idempotency_key(ORCH, request.idempotency_key) is None
         assert link_hashes(daemon.audit.records(event="delegate")) == receipt_hashes(
             {first.jti: first.chain})
+        channel = env.channel(ORCH)
+        assert health_of(channel) == NOT_SERVING
+        back = watch_health(channel)
         FailingCommit.fault = None
+        await_status(back, SERVING)  # the daemon's probe commits again
         again = stub.Delegate(request, timeout=CALL_TIMEOUT_S)
         assert not again.idempotent_replay
         assert link_hashes(daemon.audit.records(event="delegate")) == receipt_hashes(

@@ -391,7 +391,11 @@ def test_a_lost_connection_fails_closed_then_reconnects(
         with pytest.raises(Unavailable, match="audit store failed"):
             add(log, 2)
         assert log.head == (1, first.hash)
-        second = add(log, 3)  # a new connection
+        assert log.healthy is False
+        log.probe()  # a new connection, as the daemon's probe makes it
+        assert log.healthy is True
+        assert log.head == (1, first.hash)  # a probe adds no record
+        second = add(log, 3)
     assert (second.seq, second.prev) == (2, first.hash)
     assert verify_log(PgAuditStore(db), bundle).ok
 
