@@ -1745,13 +1745,17 @@ CONFIG_DOC: Final[dict[str, Any]] = {
 CONFIG_TABLES: Final = ("server", "hsm", "audit", "revocation", "policy", "state")
 
 
-def ref_config_field(cls: type[Any], name: str, value: Any, good: Any) -> bool | None:
+def ref_config_field(cls: type[Any], name: str, value: Any, good: Any,
+                     largest: float | None = None) -> bool | None:
     """The config's rule for one field, by the kind of its default: a path is a
     non-empty string (and a path holds no NUL), a flag a bool, a count an int ≥ 1, a
-    duration a positive finite number; a string may have a rule of its own (None),
-    unless it is ``good``, the value of the valid CONFIG_DOC."""
+    duration a positive finite number, either at most ``largest`` (docs/operations.md
+    lists them); a string may have a rule of its own (None), unless it is ``good``,
+    the value of the valid CONFIG_DOC."""
     from dataclasses import fields
 
+    if largest is not None and type(value) in (int, float) and value > largest:
+        return False
     known = {f.name: f for f in fields(cls)}
     if name not in known:
         return False
@@ -1790,7 +1794,8 @@ def ref_config(doc: Any) -> bool | None:
         if type(section) is not dict:
             return False
         good = CONFIG_DOC[name]
-        verdicts += [ref_config_field(cls, k, v, good.get(k)) for k, v in section.items()]
+        verdicts += [ref_config_field(cls, k, v, good.get(k), _config.MAXIMA.get((name, k)))
+                     for k, v in section.items()]
     return combine(*verdicts)
 
 
