@@ -64,6 +64,7 @@ from verifier_sdk import (
 )
 from verifier_sdk._link import decode_link, split_chain
 from verifier_sdk._pop import request_hash
+from verifier_sdk._revocation import MAX_REVOCATION_LIST_BYTES
 
 # --- profiles -------------------------------------------------------------------------
 
@@ -1916,6 +1917,7 @@ class Fuzzd:
         self.kids_before: set[str] = set()  # the bundle's kids before a RotateKey call
         self._bundle: TrustBundle | None = None
         self.list_seq = -1
+        self.list_bytes = 0  # of the newest list a Revoke returned
         self.fresh = 0
 
     def call(self, identity: str, method: str, raw: bytes) -> Reply:
@@ -2281,13 +2283,21 @@ def check_revoke(fuzzd: Fuzzd, caller: str, message: pb.RevokeRequest, raw: byte
         assert reply.code in possible, (reply, possible, message)
         assert not [r for r in records if r.event == "revoke"], records
         return
+    if reply.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        # A long run's admin revocations of unknown jtis never leave the list:
+        # once it is nearly full (1 MiB, spec §7) a revocation is refused whole;
+        # a jti takes at most 90 bytes of the list.
+        assert "revocation list would grow" in reply.details, reply
+        assert fuzzd.list_bytes + 90 * len(jtis) + 200 > MAX_REVOCATION_LIST_BYTES, reply
+        assert not [r for r in records if r.event == "revoke"], records
+        return
     assert reply.code == grpc.StatusCode.OK, (reply, message)
     assert sorted(r.jti for r in records if r.event == "revoke") == sorted(jtis), records
     published = reply.message.revocation_list
     listed = verify_revocation_list(published.token, fuzzd.bundle())
     assert set(jtis) <= listed.revoked
     assert listed.seq == published.seq > fuzzd.list_seq
-    fuzzd.list_seq = published.seq
+    fuzzd.list_seq, fuzzd.list_bytes = published.seq, len(published.token)
 
 
 def check_admin(fuzzd: Fuzzd, caller: str, method: str, message: Any, *, raw: bytes,
