@@ -30,7 +30,7 @@ import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import grpc
 import pytest
@@ -1687,27 +1687,41 @@ POLICY_VALUES = NearValues({
 })
 
 
+T = TypeVar("T")
+
+
+def load_checked(kind: str, path: Path, text: str | bytes, verdict: bool | None,
+                 load: Callable[[Path], T]) -> T | None:
+    """Write ``text`` to ``path`` and ``load`` it: only ConfigError may refuse it,
+    with a message, and never a file the reference finds valid (``verdict``), nor
+    may one it finds invalid load. The loaded object, or None when refused."""
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
+    try:
+        loaded: T | None = load(path)
+    except ConfigError as exc:
+        loaded, refused = None, exc.message
+    else:
+        refused = ""
+    event(f"{kind} file: {'refused' if loaded is None else 'loaded'}")
+    if loaded is None:
+        assert refused.strip()
+        assert verdict is not True, f"a valid {kind} was refused: {refused}\n{text!r}"
+    else:
+        assert verdict is not False, f"an invalid {kind} was accepted:\n{text!r}"
+    return loaded
+
+
 @profile(quick_examples=50)
 @given(case=policy_texts(), data=st.data())
 def fuzz_policy_files(directory: Path, case: tuple[str | bytes, bool | None, Any],
                       data: st.DataObject) -> None:
     tick("policy_files")
     text, verdict, _ = case
-    path = directory / "policy.toml"
-    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
-    try:
-        policy = (Policy.load(path) if isinstance(text, bytes)
-                  else Policy.from_toml(text, source="policy"))
-    except ConfigError as exc:
-        refused = exc.message
-    else:
-        refused = ""
-    event(f"policy file: {'refused' if refused else 'loaded'}")
-    if refused:
-        assert refused.strip()
-        assert verdict is not True, f"a valid policy was refused: {refused}\n{text!r}"
+    policy = load_checked("policy", directory / "policy.toml", text, verdict,
+                          lambda path: Policy.load(path) if isinstance(text, bytes)
+                          else Policy.from_toml(text, source="policy"))
+    if policy is None:
         return
-    assert verdict is not False, f"an invalid policy was accepted:\n{text!r}"
     # The loaded policy decides requests: a Grant, or PolicyDenied with a known reason.
     for _ in range(3):
         caller = data.draw(st.sampled_from((ORCH,) * 6 + (OTHER, STRANGER, "")))
@@ -1838,20 +1852,9 @@ def config_texts(draw: st.DrawFn) -> tuple[str | bytes, bool | None]:
 def fuzz_config_files(directory: Path, case: tuple[str | bytes, bool | None]) -> None:
     tick("config_files")
     text, verdict = case
-    path = directory / "signer.toml"
-    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        refused = exc.message
-    else:
-        refused = ""
-    event(f"config file: {'refused' if refused else 'loaded'}")
-    if refused:
-        assert refused.strip()
-        assert verdict is not True, f"a valid config was refused: {refused}\n{text!r}"
+    config = load_checked("config", directory / "signer.toml", text, verdict, load_config)
+    if config is None:
         return
-    assert verdict is not False, f"an invalid config was accepted:\n{text!r}"
     assert isinstance(config, Config)
     assert config.policy_file.is_absolute()
 
