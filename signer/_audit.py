@@ -595,8 +595,8 @@ class AuditLog:
             signed = self._journal.signed_seq()
         except (sqlite3.Error, Unavailable) as exc:
             self._journal.close()
-            message = exc.message if isinstance(exc, Unavailable) else str(exc)
-            raise Unavailable(f"cannot read audit log {self._store.name!r}: {message}") from None
+            raise Unavailable(
+                f"cannot read audit log {self._store.name!r}: {_store_error(exc)}") from None
         # On a shared store another replica's checkpoint may be ahead of this head.
         self._signed_seq = min(signed, self._seq)
         self._attempt_seq = self._signed_seq
@@ -754,8 +754,7 @@ class AuditLog:
         try:
             records = self._journal.commit(make)
         except Exception as exc:  # the store's error above all; nothing may leave a waiter hanging
-            text = exc.message if isinstance(exc, Unavailable) else str(exc)
-            message = f"audit store failed: {text}"
+            message = f"audit store failed: {_store_error(exc)}"
             _log.error("%s (%d records not written)", message, len(jobs))
             self._set_healthy(False)
             for job in jobs:
@@ -819,7 +818,7 @@ class AuditLog:
             self._journal.probe()
             error = None
         except Exception as exc:  # the store's error: reported to each prober
-            error = f"audit store failed: {exc.message if isinstance(exc, Unavailable) else exc}"
+            error = f"audit store failed: {_store_error(exc)}"
         self._set_healthy(error is None)
         for job in jobs:
             job.error = error
@@ -830,6 +829,11 @@ class AuditLog:
         for job in jobs:
             job.checkpoint, job.error = checkpoint, error
             job.done.set()
+
+
+def _store_error(exc: Exception) -> str:
+    """What a store's error says: an Unavailable's message, else the error's text."""
+    return exc.message if isinstance(exc, Unavailable) else str(exc)
 
 
 def _row(record: AuditRecord) -> tuple[object, ...]:
