@@ -27,26 +27,18 @@ Server CPU per call is read from /proc for each run.
 After the load: one Delegate link is checked with verifier_sdk, and the
 daemon's audit log must hold one ``delegate`` record per successful call.
 
-``--profile`` then adds, all at 8 in flight: the bare RPC and the daemon once
-more beside two what-if daemons (the issued-link store in memory; that and
-the audit log without fsync), a daemon whose pieces are timed (wall time per
-call, nothing else changed), one with every gRPC worker task under cProfile,
-and the Python floor of one Delegate (in this process, no I/O).
-
-Run: ``python bench/delegate.py [--seconds N] [--rounds N] [--json FILE] [--profile]``.
+Run: ``python bench/delegate.py [--seconds N] [--rounds N] [--json FILE] [--issuance inline]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import datetime
 import functools
 import json
 import logging
 import os
 import platform
-import pstats
 import resource
 import secrets
 import select
@@ -56,15 +48,13 @@ import sys
 import tempfile
 import threading
 import time
-import types
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent import futures
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any
 
 import grpc
 from _report import write_json  # bench/, first on sys.path when run
@@ -192,147 +182,6 @@ def start_bare(config: Any) -> tuple[int, Callable[[], None]]:
     return port, stop
 
 
-class Pieces:
-    """Wall time of named calls inside the daemon, in nanoseconds per call."""
-
-    def __init__(self) -> None:
-        self.times: dict[str, list[int]] = defaultdict(list)
-
-    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        times = self.times[name]
-
-        @functools.wraps(fn)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter_ns()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                times.append(time.perf_counter_ns() - start)
-
-        return timed
-
-
-def instrument_daemon(out: Path, use_cprofile: bool) -> Callable[[], None]:
-    """Time the daemon's pieces (and, if asked, cProfile every gRPC worker
-    task) by wrapping them in this process only; returns a dump function."""
-    from signer import _issuer, _server, _service
-    from signer._audit import AuditLog
-    from signer._pkcs11 import Pkcs11KeySigner
-    from signer._policy import Policy
-    from signer._state import StateStore
-
-    pieces = Pieces()
-    w = pieces.wrap
-    _service.SignerService.Delegate = w(  # type: ignore[method-assign]
-        "handler: SignerService.Delegate", _service.SignerService.Delegate)
-    _service.caller_identity = w("  caller_identity (peer certificate)", _service.caller_identity)
-    _service.delegate_from_proto = w("  delegate_from_proto", _service.delegate_from_proto)
-    _issuer.validate_request = w("  validate_request", _issuer.validate_request)
-    _issuer.request_digest = w("  request_digest", _issuer.request_digest)
-    StateStore.by_idempotency_key = w(  # type: ignore[method-assign]
-        "  state: by_idempotency_key (SELECT)", StateStore.by_idempotency_key)
-    Policy.evaluate = w("  policy.evaluate", Policy.evaluate)  # type: ignore[method-assign]
-    _issuer.Issuer._signing_key = w(  # type: ignore[method-assign]
-        "  _signing_key (keyring SELECT)", _issuer.Issuer._signing_key)
-    setattr(_issuer, "issue_root",  # noqa: B010 - patched in this process only
-            w("  issue_root (claims, JWS, checks)", getattr(_issuer, "issue_root")))  # noqa: B009
-    Pkcs11KeySigner.sign = w(  # type: ignore[method-assign]
-        "    Pkcs11KeySigner.sign (HSM, lock, GIL)", Pkcs11KeySigner.sign)
-    AuditLog.append = w(  # type: ignore[method-assign]
-        "  audit.append (queue, group commit)", AuditLog.append)
-    StateStore.record_issued = w(  # type: ignore[method-assign]
-        "  state: record_issued (own fsync'd txn)", StateStore.record_issued)
-
-    profilers: list[cProfile.Profile] = []
-    local = threading.local()
-    waits = pieces.times["queue: submit → worker start"]
-    tasks = pieces.times["worker task: whole gRPC call"]
-
-    class TimedExecutor(futures.ThreadPoolExecutor):
-        def submit(self, fn: Callable[..., Any], /, *args: Any,
-                   **kwargs: Any) -> futures.Future[Any]:
-            submitted = time.perf_counter_ns()
-
-            def task() -> Any:
-                start = time.perf_counter_ns()
-                waits.append(start - submitted)
-                profiler = getattr(local, "profiler", None)
-                if use_cprofile and profiler is None:
-                    profiler = local.profiler = cProfile.Profile()
-                    profilers.append(profiler)
-                if profiler is not None:
-                    profiler.enable()
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    if profiler is not None:
-                        profiler.disable()
-                    tasks.append(time.perf_counter_ns() - start)
-
-            return super().submit(task)
-
-    # Only the daemon module's reference is replaced.
-    setattr(_server, "futures",  # noqa: B010
-            types.SimpleNamespace(ThreadPoolExecutor=TimedExecutor))
-
-    def dump() -> None:
-        out.with_suffix(".json").write_text(json.dumps(
-            {name: [len(v), sum(v)] for name, v in pieces.times.items()}), encoding="utf-8")
-        if profilers:
-            stats = pstats.Stats(profilers[0])
-            for extra in profilers[1:]:
-                stats.add(extra)
-            stats.dump_stats(str(out.with_suffix(".pstats")))
-
-    return dump
-
-
-VARIANTS = ("state-in-memory", "state-in-memory+audit-no-fsync")
-
-
-def apply_variant(name: str) -> None:
-    """What-if daemons for --profile (this process only; never a real setting).
-
-    state-in-memory: the issued-link store answers idempotency look-ups and
-    records links in a dict, and the keyring is read once: no per-call SQLite
-    transaction, fsync, or store lock. +audit-no-fsync: also the audit log's
-    SQLite with synchronous=OFF (group commit still, no fsync).
-    """
-    from signer import _audit
-    from signer._state import IssuedLink, KeyRecord, StateStore
-
-    issued: dict[tuple[str, str], IssuedLink] = {}
-    keyring: list[list[KeyRecord]] = []
-    read_keyring = StateStore.key_records
-
-    def key_records(self: StateStore) -> list[KeyRecord]:
-        if not keyring:
-            found = read_keyring(self)
-            if not found:
-                return found
-            keyring.append(found)
-        return list(keyring[0])
-
-    def record_issued(self: StateStore, link: IssuedLink) -> None:
-        issued[(link.caller, link.idempotency_key)] = link
-
-    def by_idempotency_key(self: StateStore, caller: str, key: str) -> IssuedLink | None:
-        return issued.get((caller, key))
-
-    StateStore.key_records = key_records  # type: ignore[method-assign]
-    StateStore.record_issued = record_issued  # type: ignore[method-assign]
-    StateStore.by_idempotency_key = by_idempotency_key  # type: ignore[method-assign]
-    if name.endswith("+audit-no-fsync"):
-        open_writer = _audit._open_writer
-
-        def no_fsync(path: Any) -> Any:
-            conn = open_writer(path)
-            conn.execute("PRAGMA synchronous=OFF")
-            return conn
-
-        setattr(_audit, "_open_writer", no_fsync)  # noqa: B010
-
-
 def serve_main(args: argparse.Namespace) -> int:
     """A server process: prints {"port": N}, serves until stdin closes or SIGTERM."""
     from signer._config import load_config
@@ -344,22 +193,14 @@ def serve_main(args: argparse.Namespace) -> int:
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     config = load_config(Path(args.dir) / "signer.toml")
-    dump: Callable[[], None] | None = None
     if args.kind == "bare":
         port, stop = start_bare(config)
     else:
-        issuance = args.issuance
-        if args.instrument or args.variant:
-            issuance = "inline"  # the patches below reach this process only
-        config = replace(config, server=replace(config.server, issuance=issuance))
+        config = replace(config, server=replace(config.server, issuance=args.issuance))
         core = Core(config)
         if not core.issuer.keyring():
             core.issuer.add_key(DAEMON_KID, "EdDSA")
         core.close(served=False)
-        if args.instrument:
-            dump = instrument_daemon(Path(args.instrument), args.cprofile)
-        if args.variant:
-            apply_variant(args.variant)
         daemon = Daemon(config)
         port, stop = daemon.start(), functools.partial(daemon.stop, 2.0)
     print(json.dumps({"port": port}), flush=True)
@@ -371,8 +212,6 @@ def serve_main(args: argparse.Namespace) -> int:
     threading.Thread(target=wait_for_eof, daemon=True).start()
     stopping.wait()
     stop()
-    if dump is not None:
-        dump()
     return 0
 
 
@@ -736,143 +575,11 @@ def audit_delegates(directory: Path) -> int:
     return len(read_records(directory / "state" / "audit.db", event="delegate"))
 
 
-def python_floor(policy_file: Path, holder_jwk: dict[str, str], count: int) -> dict[str, float]:
-    """µs per Delegate of the daemon's Python alone: ``delegate_from_proto`` and
-    ``Issuer.delegate`` in one thread, with a software Ed25519 key, an
-    in-memory keyring and issued-link store, and an audit log that keeps
-    nothing — no gRPC, no HSM, no SQLite, no other thread. Also the software
-    signature alone, which the figure includes."""
-    from signer._issuer import Issuer
-    from signer._keys import MemoryKeyStore
-    from signer._policy import Policy
-    from signer._proto.mandate.v1 import signer_pb2 as pb
-    from signer._service import delegate_from_proto
-    from signer._state import KeyRecord
-
-    class NoState:
-        def key_records(self) -> list[KeyRecord]:
-            return [KeyRecord(DAEMON_KID, "EdDSA", 0, None)]
-
-        def by_idempotency_key(self, caller: str, key: str) -> None:
-            return None
-
-        def record_issued(self, link: object) -> None:
-            return None
-
-    class NoAudit:
-        def append(self, event: str, **fields: Any) -> None:
-            return None
-
-    keys = MemoryKeyStore()
-    signer = keys.generate(DAEMON_KID, "EdDSA")
-    issuer = Issuer(policy=Policy.load(policy_file), keys=keys, state=cast(Any, NoState()),
-                    audit=NoAudit(), list_issuer="bench")
-    make = delegate_maker(holder_jwk)
-    requests = [pb.DelegateRequest.FromString(make()) for _ in range(count)]
-    message = secrets.token_bytes(600)
-    best: dict[str, float] = {}
-    for _ in range(3):
-        start = time.perf_counter()
-        for request in requests:
-            issuer.delegate(CALLER, delegate_from_proto(request))
-        delegate_us = (time.perf_counter() - start) / count * 1e6
-        start = time.perf_counter()
-        for _ in range(count):
-            signer.sign(message)
-        sign_us = (time.perf_counter() - start) / count * 1e6
-        best["delegate_us"] = min(best.get("delegate_us", delegate_us), delegate_us)
-        best["software_sign_us"] = min(best.get("software_sign_us", sign_us), sign_us)
-    return best
-
-
-def profile_daemon(base: Path, pki: dict[str, Path], env: dict[str, str],
-                   servers: dict[str, Server], *, pin: str, holder_jwk: dict[str, str],
-                   payload: int, seconds: float, warmup: float) -> dict[str, Any]:
-    """At 8 in flight: the bare RPC and the daemon again, then what-if daemons
-    (VARIANTS), then a daemon with its pieces timed, then one with cProfile on
-    every gRPC worker task; and the Python floor of one Delegate."""
-    report: dict[str, Any] = {"what_if": {}}
-    at_8 = functools.partial(load, concurrency=TARGET_CONCURRENCY, seconds=seconds,
-                             warmup=warmup, pki=pki, holder_jwk=holder_jwk, payload=payload)
-    for kind in KINDS:
-        report["what_if"][kind] = at_8(servers[kind])
-    for index, variant in enumerate(VARIANTS):
-        directory = make_server_dir(base, f"variant{index}", pki, pin)
-        with server_process("daemon", directory, env, ["--variant", variant]) as server:
-            report["what_if"][variant] = at_8(server)
-    directory = make_server_dir(base, "profile", pki, pin)
-    for mode in ("pieces", "cprofile"):
-        out = directory / f"profile-{mode}"
-        extra = ["--instrument", str(out)] + (["--cprofile"] if mode == "cprofile" else [])
-        with server_process("daemon", directory, env, extra) as server:
-            result = at_8(server)
-        totals = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
-        report[mode] = {
-            "calls_per_s": round(result.completed / result.window_s, 1),
-            "server_cpu_us_per_call": round(
-                1e6 * result.server_cpu_s / max(result.ok_total, 1), 1),
-            "pieces": {name: {"calls": n, "mean_us": round(total / n / 1000, 1)}
-                       for name, (n, total) in totals.items() if n},
-        }
-        if mode == "cprofile":
-            report["cprofile"]["calls"] = result.ok_total
-            report["cprofile"]["stats"] = pstats.Stats(str(out.with_suffix(".pstats")))
-    report["python_floor"] = python_floor(directory / "policy.toml", holder_jwk, count=2000)
-    return report
-
-
-def print_profile(report: dict[str, Any], top: int) -> dict[str, Any]:
-    """Print the profile; returns its JSON-able part."""
-    what_if: dict[str, LoadResult] = report["what_if"]
-    bare = what_if["bare"].completed / what_if["bare"].window_s
-    print(f"\nWhat-if at {TARGET_CONCURRENCY} in flight (one run each, same phase):")
-    print(f"{'server':<34} {'calls/s':>8} {'/ bare':>7} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'srv CPU µs/call':>15}")
-    rows: dict[str, Any] = {}
-    for name, result in what_if.items():
-        latencies = sorted(x / 1000 for x in result.latencies_us)
-        rate = result.completed / result.window_s
-        rows[name] = {
-            "calls_per_s": round(rate, 1), "ratio_to_bare": round(rate / bare, 3),
-            "p50_ms": round(percentile(latencies, 50), 3),
-            "p99_ms": round(percentile(latencies, 99), 3),
-            "server_cpu_us_per_call": round(1e6 * result.server_cpu_s
-                                            / max(result.ok_total, 1), 1),
-            "errors": sum(result.errors.values()),
-        }
-        row = rows[name]
-        print(f"{name:<34} {rate:>8.0f} {row['ratio_to_bare']:>7.2f} {row['p50_ms']:>7.2f} "
-              f"{row['p99_ms']:>7.2f} {row['server_cpu_us_per_call']:>15.0f}")
-    floor = report["python_floor"]
-    print(f"Python floor of one Delegate (one thread, no gRPC/HSM/SQLite): "
-          f"{floor['delegate_us']:.0f} µs, of which a software Ed25519 sign "
-          f"{floor['software_sign_us']:.0f} µs")
-
-    pieces = report["pieces"]
-    print(f"\nPieces of Delegate at {TARGET_CONCURRENCY} in flight "
-          f"({pieces['calls_per_s']:.0f} calls/s, server CPU "
-          f"{pieces['server_cpu_us_per_call']:.0f} µs/call): mean wall time per call, "
-          "GIL and lock waits included; an indented piece runs inside the one above it.")
-    width = max(len(n) for n in pieces["pieces"])
-    print(f"{'piece':<{width}}  {'calls':>7}  {'mean µs':>8}")
-    for name, value in pieces["pieces"].items():
-        print(f"{name:<{width}}  {value['calls']:>7}  {value['mean_us']:>8.0f}")
-    prof = report["cprofile"]
-    print(f"\ncProfile (wall clock) of every gRPC worker task, {prof['calls']} calls "
-          f"({prof['calls_per_s']:.0f} calls/s under the profiler); top {top} by tottime:")
-    prof["stats"].sort_stats("tottime").print_stats(top)
-    return {"what_if": rows, "python_floor": {k: round(v, 1) for k, v in floor.items()},
-            "pieces": pieces,
-            "cprofile": {k: v for k, v in prof.items() if k != "stats"}}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     add_round_options(parser, "server")
     parser.add_argument("--json", metavar="FILE",
                         help="also write the results as JSON to FILE ('-': stdout)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also time the daemon's pieces and cProfile it at 8 in flight")
     parser.add_argument("--issuance", choices=("process", "inline"), default="process",
                         help="the daemon's [server] issuance (default: process, as shipped)")
     args = parser.parse_args(argv)
@@ -882,7 +589,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     holder, holder_jwk, payload = load_holder()
     pin = secrets.token_hex(8)
     env = {**os.environ, PIN_ENV: pin}
-    profile: dict[str, Any] | None = None
 
     with tempfile.TemporaryDirectory(prefix="mandate-bench-") as tmp, ExitStack() as stack:
         base = Path(tmp)
@@ -898,10 +604,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         kid = check_daemon(servers["daemon"], pki, holder)
         ok_delegates = sum(r.ok_total for (k, _), row in rows.items() if k == "daemon"
                            for r in row.runs) + 1
-        if args.profile:
-            profile = profile_daemon(base, pki, env, servers, pin=pin, holder_jwk=holder_jwk,
-                                     payload=payload, seconds=window, warmup=warmup)
-            ok_delegates += profile["what_if"]["daemon"].ok_total
         daemon_dir = servers["daemon"].directory
         stack.close()  # stop both servers: the audit log is flushed
         recorded = audit_delegates(daemon_dir)
@@ -949,7 +651,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"checks: a Delegate link (kid {kid}) verifies with verifier_sdk; audit log holds "
           f"{recorded} delegate records for {ok_delegates} successful Delegate calls "
           f"({'equal' if audit_ok else 'DIFFERENT'})")
-    profile_json = None if profile is None else print_profile(profile, top=25)
     print(f"run time {elapsed:.0f} s")
 
     if args.json:
@@ -979,8 +680,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "ok_delegate_calls": ok_delegates, "equal": audit_ok},
             "run_seconds": round(elapsed, 1),
         }
-        if profile_json is not None:
-            report["profile"] = profile_json
         write_json(report, args.json)
     return 0 if audit_ok else 1
 
@@ -991,9 +690,6 @@ def role_main(argv: Sequence[str]) -> int:
     if argv[0] == "_serve":
         parser.add_argument("--kind", choices=KINDS, required=True)
         parser.add_argument("--dir", required=True)
-        parser.add_argument("--instrument", help="time the daemon's pieces; output prefix")
-        parser.add_argument("--cprofile", action="store_true")
-        parser.add_argument("--variant", choices=VARIANTS)
         parser.add_argument("--issuance", choices=("process", "inline"), default="process")
         return serve_main(parser.parse_args(argv[1:]))
     parser.add_argument("--kind", choices=KINDS, required=True)

@@ -16,7 +16,8 @@ Formats (schema version 1):
   seconds (the trust bundle's key windows are in seconds).
 
 Group commit: ``append`` validates in the caller's thread and queues the
-record; one writer thread takes everything queued (up to ``MAX_BATCH``),
+record (``append_many``: several, kept together); one writer thread takes
+everything queued (up to ``MAX_BATCH`` appends),
 chains and inserts it in one ``BEGIN IMMEDIATE`` transaction, commits once
 (WAL, ``synchronous=FULL``: one fsync) and wakes each waiter with its record or
 the error. The in-memory head moves only after the commit succeeds, and each
@@ -90,7 +91,7 @@ SCHEMA_VERSION: Final = 1
 EVENTS: Final = frozenset({"delegate", "deny", "revoke", "key", "start", "stop"})
 GENESIS: Final = b64url_encode(bytes(32))  # the prev of record 1
 CHECKPOINT_TYP: Final = "mandate-audit+jwt"
-MAX_BATCH: Final = 1024  # records per transaction
+MAX_BATCH: Final = 1024  # appends per transaction
 MAX_FIELD_CHARS: Final = 4096
 MAX_DETAIL_MEMBERS: Final = 32
 
@@ -237,6 +238,25 @@ def _check_detail(detail: Mapping[str, Any]) -> dict[str, str | int]:
         else:
             checked[key] = _check_text(value, f"detail {key!r}")
     return checked
+
+
+_ENTRY_TEXTS: Final = ("caller", "decision", "reason", "request_digest", "jti", "link_hash",
+                        "kid", "sub")
+
+
+def _entry(event: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """One event's fields, checked, as the record body holds them (no seq, time, prev)."""
+    if event not in EVENTS:
+        raise ValueError(f"audit event {event!r} is not one of {sorted(EVENTS)}")
+    unknown = set(fields) - {*_ENTRY_TEXTS, "detail"}
+    if unknown:
+        raise ValueError(f"unknown audit fields {sorted(unknown)}")
+    entry: dict[str, Any] = {"event": event}
+    for name in _ENTRY_TEXTS:
+        entry[name] = _check_text(fields.get(name, ""), name,
+                                  required=name in ("caller", "decision"))
+    entry["detail"] = _check_detail(fields.get("detail") or {})
+    return entry
 
 
 def _body_from_row(row: tuple[Any, ...]) -> dict[str, Any]:
@@ -552,16 +572,16 @@ def read_checkpoints(location: AuditLocation) -> list[Checkpoint]:
 
 
 class _Job:
-    """One queued append (``fields``), checkpoint request (``fields`` None) or
-    store probe (``probe``)."""
+    """One queued append (``entries``: the fields of one or more records, committed
+    together), checkpoint request (``entries`` None) or store probe (``probe``)."""
 
-    __slots__ = ("checkpoint", "done", "error", "fields", "probe", "record")
+    __slots__ = ("checkpoint", "done", "entries", "error", "probe", "records")
 
-    def __init__(self, fields: dict[str, Any] | None, *, probe: bool = False) -> None:
-        self.fields = fields
+    def __init__(self, entries: list[dict[str, Any]] | None, *, probe: bool = False) -> None:
+        self.entries = entries
         self.probe = probe
         self.done = OneShot()
-        self.record: AuditRecord | None = None
+        self.records: list[AuditRecord] = []
         self.checkpoint: Checkpoint | None = None
         self.error: str | None = None
 
@@ -640,17 +660,20 @@ class AuditLog:
         closed or does not commit within ``commit_timeout_s`` (the record may
         then still land: the caller fails closed either way).
         """
-        if event not in EVENTS:
-            raise ValueError(f"audit event {event!r} is not one of {sorted(EVENTS)}")
-        fields: dict[str, Any] = {"event": event}
-        for name, value in (("caller", caller), ("decision", decision), ("reason", reason),
-                            ("request_digest", request_digest), ("jti", jti),
-                            ("link_hash", link_hash), ("kid", kid), ("sub", sub)):
-            fields[name] = _check_text(value, name, required=name in ("caller", "decision"))
-        fields["detail"] = _check_detail(detail or {})
-        job = self._submit(_Job(fields))
-        assert job.record is not None
-        return job.record
+        return self.append_many([(event, {
+            "caller": caller, "decision": decision, "reason": reason,
+            "request_digest": request_digest, "jti": jti, "link_hash": link_hash, "kid": kid,
+            "sub": sub, "detail": detail,
+        })])[0]
+
+    def append_many(self, events: Sequence[tuple[str, Mapping[str, Any]]]
+                    ) -> list[AuditRecord]:
+        """Record several events (each: its name and ``append``'s keyword
+        arguments) in one commit, in order; all or none. Raises as ``append``."""
+        entries = [_entry(event, fields) for event, fields in events]
+        if not entries:
+            return []
+        return self._submit(_Job(entries)).records
 
     def checkpoint(self) -> Checkpoint | None:
         """Sign the head now; None if it is already signed or the log is empty."""
@@ -707,13 +730,13 @@ class AuditLog:
                 jobs = self._queue[:MAX_BATCH]
                 del self._queue[:MAX_BATCH]
                 last = self._closing and not self._queue
-            appends = [job for job in jobs if job.fields is not None]
+            appends = [job for job in jobs if job.entries is not None]
             if appends:
                 self._commit(appends)
             probes = [job for job in jobs if job.probe]
             if probes:
                 self._answer_probes(probes)
-            requests = [job for job in jobs if job.fields is None and not job.probe]
+            requests = [job for job in jobs if job.entries is None and not job.probe]
             if requests:
                 self._answer_checkpoint_requests(requests)
             elif self._checkpoint_due() or (last and self._unsigned()):
@@ -742,13 +765,13 @@ class AuditLog:
             now = int(self._clock() * 1000)
             made: list[AuditRecord] = []
             for job in jobs:
-                assert job.fields is not None
-                seq += 1
-                body = {"seq": seq, "time": now, **job.fields, "prev": prev}
-                prev = _record_hash(body)
-                made.append(
-                    AuditRecord(**{**body, "detail": MappingProxyType(body["detail"])}, hash=prev)
-                )
+                assert job.entries is not None
+                for fields in job.entries:
+                    seq += 1
+                    body = {"seq": seq, "time": now, **fields, "prev": prev}
+                    prev = _record_hash(body)
+                    made.append(AuditRecord(**{**body, "detail": MappingProxyType(body["detail"])},
+                                            hash=prev))
             return made
 
         try:
@@ -765,8 +788,11 @@ class AuditLog:
         seq, prev = records[-1].seq, records[-1].hash
         with self._cond:
             self._seq, self._head = seq, prev
-        for job, record in zip(jobs, records, strict=True):
-            job.record = record
+        taken = 0
+        for job in jobs:
+            assert job.entries is not None
+            job.records = records[taken:taken + len(job.entries)]
+            taken += len(job.entries)
             job.done.set()
 
     # --- checkpoints --------------------------------------------------------------

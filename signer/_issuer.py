@@ -3,15 +3,16 @@
 No gRPC here: the servicer translates protobuf to these calls and their
 errors to status codes. Order matters and is the security argument:
 a link exists outside this module only after its audit record is durable,
-and a denial is answered only after its own record is.
+and a denial is answered only after its own record is. Calls issued in a
+``Batch`` return their links before that, to the one caller that holds the
+batch and answers nobody until ``Issuer.commit(batch)`` has succeeded.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -59,9 +60,10 @@ class Policy(Protocol):
 
 
 class Audit(Protocol):
-    def append(self, event: str, *, caller: str, decision: str, reason: str = "",
-               request_digest: str = "", jti: str = "", link_hash: str = "", kid: str = "",
-               sub: str = "", detail: Mapping[str, str | int] | None = None) -> object: ...
+    def append_many(self, events: Sequence[tuple[str, Mapping[str, Any]]]
+                    ) -> Sequence[object]:
+        """Record the events (name, fields) durably, in one commit, or raise."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +80,24 @@ class PublishedList:
     token: str
     seq: int
     expires_at: int
+
+
+class Batch:
+    """Delegate calls issued one after another and recorded as one
+    (``Issuer.commit``): their audit records in one commit, then their issued
+    links in one transaction. Nothing the batch staged may be answered before
+    that commit succeeded; a failed commit fails every call in it. A request
+    repeating an idempotency key earlier in the batch gets that link."""
+
+    __slots__ = ("held", "links", "records")
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, dict[str, Any]]] = []
+        self.links: dict[tuple[str, str], IssuedLink] = {}  # by (caller, idempotency key)
+        self.held: list[tuple[str, str]] = []  # idempotency keys locked until the commit
+
+    def __len__(self) -> int:
+        return len(self.records)
 
 
 def request_digest(caller: str, req: DelegateRequest) -> str:
@@ -185,8 +205,8 @@ class Issuer:
         self._keys.generate(kid, alg)
         self._state.add_key(record)
         self._keyring = None
-        self._audit.append("key", caller=caller, decision="ok", reason="generated", kid=kid,
-                           detail={"alg": alg, "nbf": record.nbf})
+        self._record(None, "key", caller=caller, decision="ok", reason="generated", kid=kid,
+                     detail={"alg": alg, "nbf": record.nbf})
         return record
 
     def rotate(self, new_kid: str, alg: str, *, not_before: int | None, max_link_ttl_s: int,
@@ -201,18 +221,21 @@ class Issuer:
         new = self.add_key(new_kid, alg, not_before=start, caller=caller)
         self._state.set_key_exp(previous.kid, old_exp)
         self._keyring = None
-        self._audit.append("key", caller=caller, decision="ok", reason="retiring",
-                           kid=previous.kid, detail={"exp": old_exp, "successor": new_kid})
+        self._record(None, "key", caller=caller, decision="ok", reason="retiring",
+                     kid=previous.kid, detail={"exp": old_exp, "successor": new_kid})
         return new, KeyRecord(previous.kid, previous.alg, previous.nbf, old_exp)
 
     # --- delegation ----------------------------------------------------------
 
     def delegate(self, caller: str, req: DelegateRequest, *,
-                 deadline: float | None = None) -> Issued:
+                 deadline: float | None = None, batch: Batch | None = None) -> Issued:
         """Sign a root link for ``caller``, or raise.
 
         ``deadline`` (time.monotonic) is checked before the slow steps; once it
         has passed, nothing more is done and nothing was issued (TimedOut).
+        Without ``batch`` the link's records are durable when this returns;
+        with one, they are staged in it and the link may leave only after
+        ``commit(batch)`` succeeded (a denial likewise).
         """
         try:
             check_principal(caller, "caller identity")
@@ -220,23 +243,55 @@ class Issuer:
             raise Unauthenticated(str(exc)) from None
         validate_request(req)
         digest = request_digest(caller, req)
-        with self._idempotency_lock(caller, req.idempotency_key):
+        name = (caller, req.idempotency_key)
+        if batch is not None and name in batch.links:
+            return _replay(batch.links[name], digest)
+        # One request per idempotency key at a time, until its link is recorded
+        # (in a batch: until the batch is committed).
+        self._hold(name)
+        staged = False
+        try:
             earlier = self._state.by_idempotency_key(caller, req.idempotency_key)
             if earlier is not None:
-                if earlier.request_digest != digest:
-                    raise InvalidRequest(
-                        "idempotency_key was used before for a different request"
-                    )
-                return Issued(earlier.chain, earlier.jti, earlier.kid, earlier.exp, True)
-            return self._issue(caller, req, digest, deadline)
+                return _replay(earlier, digest)
+            issued = self._issue(caller, req, digest, deadline, batch)
+            staged = batch is not None
+            return issued
+        finally:
+            if staged:
+                assert batch is not None
+                batch.held.append(name)
+            else:
+                self._release(name)
+
+    def commit(self, batch: Batch) -> None:
+        """Record what ``batch`` staged: its audit records (durable) first, then
+        its issued links. Raises (Unavailable: a store failed) when not all of
+        it is recorded; either way the batch's idempotency keys are released."""
+        try:
+            if batch.records:
+                self._audit.append_many(batch.records)
+            if batch.links:
+                self._state.record_issued(*batch.links.values())
+        finally:
+            held, batch.held = batch.held, []
+            for name in held:
+                self._release(name)
 
     @staticmethod
     def _in_time(deadline: float | None, before: str) -> None:
         if deadline is not None and time.monotonic() >= deadline:
             raise TimedOut(f"out of time before {before}: nothing was issued")
 
+    def _record(self, batch: Batch | None, event: str, **fields: Any) -> None:
+        """Audit an event: now (durable on return), or staged in ``batch``."""
+        if batch is None:
+            self._audit.append_many([(event, fields)])
+        else:
+            batch.records.append((event, fields))
+
     def _issue(self, caller: str, req: DelegateRequest, digest: str,
-               deadline: float | None) -> Issued:
+               deadline: float | None, batch: Batch | None) -> Issued:
         now = int(self._clock())
         try:
             grant = self.policy.evaluate(caller, req)
@@ -246,8 +301,8 @@ class Issuer:
                                        now, req.ttl)
         except PolicyDenied as denial:
             # The denial is answered only once its record is durable.
-            self._audit.append("deny", caller=caller, decision="deny", reason=denial.reason,
-                               request_digest=digest, sub=req.sub)
+            self._record(batch, "deny", caller=caller, decision="deny", reason=denial.reason,
+                         request_digest=digest, sub=req.sub)
             raise
         self._in_time(deadline, "signing")
         signer = self._keys.signer(record.kid)
@@ -271,11 +326,15 @@ class Issuer:
         exp = now + req.ttl
         self._in_time(deadline, "recording the link")
         # (audit) Durable before the link leaves: if this raises, nobody gets it.
-        self._audit.append("delegate", caller=caller, decision="allow", request_digest=digest,
-                           jti=jti, link_hash=sha256_b64(chain.encode("ascii")),
-                           kid=record.kid, sub=req.sub, detail={"exp": exp})
-        self._state.record_issued(IssuedLink(jti, caller, req.sub, record.kid, exp, chain,
-                                             digest, req.idempotency_key))
+        self._record(batch, "delegate", caller=caller, decision="allow", request_digest=digest,
+                     jti=jti, link_hash=sha256_b64(chain.encode("ascii")), kid=record.kid,
+                     sub=req.sub, detail={"exp": exp})
+        link = IssuedLink(jti, caller, req.sub, record.kid, exp, chain, digest,
+                          req.idempotency_key)
+        if batch is None:
+            self._state.record_issued(link)
+        else:
+            batch.links[(caller, req.idempotency_key)] = link
         return Issued(chain, jti, record.kid, exp, False)
 
     def _signing_key(self, kid: str | None, now: int, ttl: int) -> KeyRecord:
@@ -293,21 +352,20 @@ class Issuer:
             )
         return record
 
-    @contextmanager
-    def _idempotency_lock(self, caller: str, key: str) -> Iterator[None]:
-        """Serialise requests with one idempotency key; the entry lives while used."""
-        name = (caller, key)
+    def _hold(self, name: tuple[str, str]) -> None:
+        """Lock one idempotency key; the entry lives while anyone holds or awaits it."""
         with self._idempotency_guard:
             entry = self._idempotency_locks.setdefault(name, [threading.Lock(), 0])
             entry[1] += 1
-        try:
-            with entry[0]:
-                yield
-        finally:
-            with self._idempotency_guard:
-                entry[1] -= 1
-                if entry[1] == 0:
-                    del self._idempotency_locks[name]
+        entry[0].acquire()
+
+    def _release(self, name: tuple[str, str]) -> None:
+        with self._idempotency_guard:
+            entry = self._idempotency_locks[name]
+            entry[0].release()
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._idempotency_locks[name]
 
     # --- revocation ----------------------------------------------------------
 
@@ -340,9 +398,12 @@ class Issuer:
                     f"the revocation list would grow to {size} bytes, over the "
                     f"{MAX_REVOCATION_LIST_BYTES} every verifier accepts: nothing was revoked"
                 )
-            for jti, _ in entries:  # one record per link, so `audit show --jti` finds it
-                self._audit.append("revoke", caller=caller, decision="ok",
-                                   reason=reason[:200], jti=jti)
+            # One record per link, so `audit show --jti` finds it; all in one commit.
+            self._audit.append_many([
+                ("revoke", {"caller": caller, "decision": "ok", "reason": reason[:200],
+                            "jti": jti})
+                for jti, _ in entries
+            ])
             self._state.revoke(entries, by=caller, reason=reason[:200], now=now)
             return self._sign_list(now, record)
 
@@ -383,6 +444,13 @@ class Issuer:
         )
         self._state.save_revocation_list(StoredList(seq, token, now, exp))
         return PublishedList(token, seq, exp)
+
+
+def _replay(earlier: IssuedLink, digest: str) -> Issued:
+    """The link issued before for this idempotency key, if the request is the same."""
+    if earlier.request_digest != digest:
+        raise InvalidRequest("idempotency_key was used before for a different request")
+    return Issued(earlier.chain, earlier.jti, earlier.kid, earlier.exp, True)
 
 
 def _check_time(value: int, name: str) -> None:

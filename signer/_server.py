@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from softhsm import SoftHsmError, find_module
 
 from ._audit import AuditLog
+from ._batching import Batcher
 from ._config import Config, ServerConfig
 from ._errors import ConfigError, NotFound, Unavailable
 from ._issuer import Audit, Issuer
@@ -148,6 +149,7 @@ class Core:
         self._clock = clock
         self._on_health_change = on_health_change
         self._closed = threading.Event()
+        self._batcher: Batcher | None = None
         # Metrics only when configured: otherwise no wrapper sits on the hot path.
         self.metrics: Metrics | None = None
         self._metrics_at: tuple[str, int] | None = None
@@ -225,6 +227,13 @@ class Core:
             log.info("state store: forgot %d expired links and %d of their revocations",
                      links, revocations)
 
+    def calls(self) -> Batcher:
+        """What serves the calls: the dispatcher, Delegate in batches (one per Core)."""
+        if self._batcher is None:
+            self._batcher = Batcher(self.dispatcher(), self.issuer.commit,
+                                    time_limit_s=self.config.server.rpc_time_limit_s)
+        return self._batcher
+
     def dispatcher(self) -> Dispatcher:
         cfg = self.config.server
         return Dispatcher(
@@ -283,6 +292,8 @@ class Core:
             return
         self._closed.set()
         try:
+            if self._batcher is not None:
+                self._batcher.close()  # every queued call answered
             if served:
                 self.audit.append("stop", caller="daemon", decision="ok")
         finally:
@@ -383,8 +394,8 @@ class Daemon:
         cfg = self.config.server
         if self.core is not None:
             self.metrics_port = self.core.ready()
-            dispatcher = self.core.dispatcher()
-            call, methods = dispatcher.call, dispatcher.methods
+            calls = self.core.calls()
+            call, methods = calls.call, calls.methods
         else:
             assert self._process is not None
             call, methods = self._process.call, self._process.methods

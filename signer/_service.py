@@ -31,7 +31,7 @@ from ._errors import (
     Unauthenticated,
     Unavailable,
 )
-from ._issuer import Issuer, PublishedList
+from ._issuer import Batch, Issuer, PublishedList
 from ._metrics import Metrics
 from ._model import DelegateRequest
 from ._proto.mandate.v1 import signer_pb2 as pb
@@ -50,6 +50,9 @@ class Peer(Protocol):
 
 class Context(Peer, Protocol):
     """The part of a call's context the servicers use (see ``CallContext``)."""
+
+    batch: Batch | None
+    on_end: Callable[[grpc.StatusCode], None] | None
 
     def time_remaining(self) -> float | None: ...
     def abort(self, code: grpc.StatusCode, details: str) -> None: ...
@@ -160,6 +163,11 @@ def _handled(method: Callable[[Any, Req, Context], Resp]
         if metrics is not None:
             in_flight = metrics.in_flight(name)
             in_flight.inc()
+
+            def end(final: grpc.StatusCode) -> None:
+                metrics.rpc_done(name, final, time.perf_counter() - start)
+                in_flight.dec()
+
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
@@ -181,8 +189,10 @@ def _handled(method: Callable[[Any, Req, Context], Resp]
             context.abort(grpc.StatusCode.INTERNAL, "internal error")
         finally:
             if metrics is not None:
-                metrics.rpc_done(name, code, time.perf_counter() - start)
-                in_flight.dec()
+                if context.batch is None:
+                    end(code)
+                else:  # the call's status is final once its batch is committed
+                    context.on_end = end
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
     wrapper.__name__ = name
     return wrapper
@@ -269,7 +279,8 @@ class SignerService(pb_grpc.SignerServicer):
         caller = caller_identity(context)
         try:
             issued = self._issuer.delegate(caller, delegate_from_proto(request),
-                                           deadline=call_deadline(context, self._time_limit_s))
+                                           deadline=call_deadline(context, self._time_limit_s),
+                                           batch=context.batch)
         except PolicyDenied as denial:
             # sub passed validation before the policy ran: a principal, safe to log.
             log.info("deny caller=%s sub=%s reason=%s", caller, request.sub, denial.reason,
@@ -393,6 +404,8 @@ class CallContext:
                  remaining: float | None) -> None:
         self._pem, self._transport, self._peer = pem, transport, peer
         self._deadline = None if remaining is None else time.monotonic() + remaining
+        self.batch: Batch | None = None  # see Batcher
+        self.on_end: Callable[[grpc.StatusCode], None] | None = None
 
     @staticmethod
     def values_of(context: grpc.ServicerContext) -> CallValues:
@@ -452,12 +465,21 @@ class Dispatcher:
         return list(self._methods)
 
     def call(self, method: str, payload: bytes, values: CallValues) -> Outcome:
+        return self.call_with(method, payload, CallContext(*values))
+
+    def call_with(self, method: str, payload: bytes, context: CallContext) -> Outcome:
         handler, request_type = self._methods[method]
         try:
             request = request_type.FromString(payload)
         except DecodeError:
             return None, ("INVALID_ARGUMENT", "malformed request message", ())
         try:
-            return handler(request, CallContext(*values)).SerializeToString(), None
+            return handler(request, context).SerializeToString(), None
         except Aborted as aborted:
             return None, (aborted.code.name, aborted.details, aborted.trailing)
+
+
+def failed(error: SignerError) -> Outcome:
+    """The outcome of a call that ends with ``error``, as a servicer's would be."""
+    status = rpc_status.to_status(status_for(error))
+    return None, (status.code.name, status.details, tuple(status.trailing_metadata))

@@ -255,13 +255,15 @@ class StateStore:
 
     # --- issued links ------------------------------------------------------
 
-    def record_issued(self, link: IssuedLink) -> None:
+    def record_issued(self, *links: IssuedLink) -> None:
+        """Store issued links, all in one transaction."""
         with self._tx(durable=False) as db:
-            db.execute(
-                "INSERT INTO issued VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (link.jti, link.caller, link.sub, link.kid, link.exp, link.chain,
-                 link.request_digest, link.idempotency_key),
-            )
+            for link in links:
+                db.execute(
+                    "INSERT INTO issued VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (link.jti, link.caller, link.sub, link.kid, link.exp, link.chain,
+                     link.request_digest, link.idempotency_key),
+                )
 
     def _issued(self, where: str, args: tuple[object, ...]) -> IssuedLink | None:
         # ``where`` is one of the two constant conditions below, never input.

@@ -35,6 +35,7 @@ from concurrent import futures
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ._batching import ANSWER_GRACE_S
 from ._config import Config
 from ._errors import ConfigError, SignerError, Unavailable
 from ._service import CallValues, Outcome
@@ -44,9 +45,6 @@ log = logging.getLogger("mandate.signer")
 
 START_TIMEOUT_S = 120.0  # logging in to a network HSM can be slow
 STOP_TIMEOUT_S = 30.0
-# How much longer than its deadline the front end waits for the issuer's
-# answer: the issuer enforces the deadline itself; this only bounds a stuck one.
-ANSWER_GRACE_S = 2.0
 
 
 
@@ -206,22 +204,25 @@ def _serve(conn: Connection) -> int:
         return 1
     try:
         metrics_port = core.ready()
-        dispatcher = core.dispatcher()
+        calls = core.calls()
     except SignerError as exc:
         core.close(served=False)
         send(("failed", exc.message))
         return 1
-    send(("ready", metrics_port, dispatcher.methods))
+    send(("ready", metrics_port, calls.methods))
 
     workers = futures.ThreadPoolExecutor(config.server.workers, thread_name_prefix="issue")
 
     def run(request_id: int, method: str, payload: bytes, values: CallValues) -> None:
         try:
-            body, status = dispatcher.call(method, payload, values)
+            body, status = calls.call(method, payload, values)
         except Exception:  # the servicers map their own errors: this is a bug
             log.exception("%s: unexpected error", method)
             body, status = None, ("INTERNAL", "internal error", ())
         send(("reply", request_id, body, status))
+
+    def replier(request_id: int) -> Callable[[Outcome], None]:
+        return lambda outcome: send(("reply", request_id, *outcome))
 
     served = False
     try:
@@ -233,7 +234,11 @@ def _serve(conn: Connection) -> int:
                 break
             kind, request_id = message[0], message[1]
             if kind == "call":
-                workers.submit(run, request_id, *message[2:])
+                method, payload, values = message[2:]
+                if calls.batched(method):  # Delegate: straight to its batch
+                    calls.submit(method, payload, values, replier(request_id))
+                else:
+                    workers.submit(run, request_id, method, payload, values)
             elif kind == "started":
                 served = True
                 core.started(message[2])

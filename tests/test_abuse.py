@@ -421,23 +421,28 @@ def test_calls_without_a_deadline_end_at_the_server_cap_and_issue_nothing(
     """A call that sends no deadline still gets the server's time cap: when a
     slow HSM makes it overrun, it ends DEADLINE_EXCEEDED with no link recorded
     or kept, so the same request retried later is issued afresh, not replayed.
-    (In this process: the fault is injected into the HSM signer.)"""
+    (In this process: the fault is injected into the HSM signer. Links are
+    signed one at a time, as the module's lock would have it anyway, so other
+    calls wait out the stall: they are served before and after it.)"""
     env = daemons(inline=True, rpc_time_limit_s=1.0)
     bundle = env.bundle()
     stub = env.stub()
     slow = [delegate_request(Holder.generate(), sub=f"agent:support/slow-{n}")
             for n in range(3)]
-    with WellBehaved(env) as good, slow_hsm_for(env, "agent:support/slow-", delay_s=2.0):
+    with WellBehaved(env) as good:
         good.served(1)
+    with slow_hsm_for(env, "agent:support/slow-", delay_s=2.0):
         results = in_parallel([functools.partial(stub.Delegate, r) for r in slow])
-        good.served(2)
+    with WellBehaved(env) as after:
+        after.served(2)
     assert [code_of(r) for r in results] == [Code.DEADLINE_EXCEEDED] * 3
     assert all("nothing was issued" in r.details() for r in results)
     assert not [r for r in env.daemon.audit.records(event="delegate")
                 if r.sub.startswith("agent:support/slow-")]
     retried = [stub.Delegate(r, timeout=CALL_TIMEOUT_S) for r in slow]
     assert [r.idempotent_replay for r in retried] == [False] * 3
-    stop_and_check_audit(env, bundle, delegated=[*good.jtis, *(r.jti for r in retried)])
+    stop_and_check_audit(env, bundle,
+                         delegated=[*good.jtis, *after.jtis, *(r.jti for r in retried)])
 
 
 # --- slow clients on raw sockets ------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import wait_for
 
 from signer._audit import (
     CHECKPOINT_TYP,
@@ -107,15 +108,6 @@ def expected_hash(record: AuditRecord) -> str:
     body = {name: getattr(record, name) for name in COLUMNS}
     body["detail"] = dict(record.detail)
     return sha256_b64(canonical_json(body))
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 # --- records and the chain -----------------------------------------------------------

@@ -82,7 +82,7 @@ HELD_SUB = "agent:support/held"
 REFUSED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 
 # Loaded into `mandate serve` and its issuer process (as sitecustomize) for the
-# SIGTERM test only: the first Delegate for HELD_SUB waits inside the issuer,
+# SIGTERM test only: the first Delegate for HELD_SUB waits in the front end,
 # after saying so through one FIFO, until a byte arrives through the other.
 HOLD_HOOK = f'''
 import os
@@ -91,20 +91,24 @@ _HOLD = os.environ.get("MANDATE_TEST_HOLD")
 if _HOLD:
     import threading
 
-    from signer import _issuer
+    from signer import _worker
+    from signer._proto.mandate.v1 import signer_pb2
 
-    _delegate = _issuer.Issuer.delegate
+    _call = _worker.IssuerProcess.call
     _once = threading.Lock()
 
-    def _held_delegate(self, caller, req, **kwargs):
-        if req.sub == {HELD_SUB!r} and _once.acquire(blocking=False):
+    def _held_call(self, method, payload, values):
+        # In the front end: the call is in flight, not yet handed to the issuer.
+        if (method.endswith("/Delegate")
+                and signer_pb2.DelegateRequest.FromString(payload).sub == {HELD_SUB!r}
+                and _once.acquire(blocking=False)):
             with open(os.path.join(_HOLD, "inside"), "wb") as fifo:
                 fifo.write(b"inside\\n")
             with open(os.path.join(_HOLD, "release"), "rb") as fifo:
                 fifo.read(1)
-        return _delegate(self, caller, req, **kwargs)
+        return _call(self, method, payload, values)
 
-    _issuer.Issuer.delegate = _held_delegate
+    _worker.IssuerProcess.call = _held_call
 '''
 
 

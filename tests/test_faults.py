@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import wait_for
 from hsm_fixtures import SoftHsm
 from test_cli import CONFIG, Server, make_site, one_line_error
 from test_server import ORCH, POLICY, Env, delegate_request, start_daemon
@@ -175,10 +176,11 @@ class IssuerCalls:
         issuer = daemon.issuer
         real = issuer.delegate
 
-        def delegate(caller: str, req: Any, *, deadline: float | None = None) -> Any:
+        def delegate(caller: str, req: Any, *, deadline: float | None = None,
+                     batch: Any = None) -> Any:
             self.deadlines.append(deadline)
             try:
-                return real(caller, req, deadline=deadline)
+                return real(caller, req, deadline=deadline, batch=batch)
             except Exception as exc:
                 self.errors.append(exc)
                 raise
@@ -496,17 +498,17 @@ def test_a_record_committed_after_the_deadline_keeps_its_link_for_the_retry(
     daemon = running.daemon
     calls = IssuerCalls(monkeypatch, daemon)
     committed, client_gave_up = threading.Event(), threading.Event()
-    append = daemon.audit.append
+    append_many = daemon.audit.append_many
 
-    def slow_to_return(event: str, **fields: Any) -> Any:
-        record = append(event, **fields)
-        if event == "delegate" and not committed.is_set():
+    def slow_to_return(events: Any) -> Any:
+        records = append_many(events)
+        if any(event == "delegate" for event, _ in events) and not committed.is_set():
             committed.set()
             client_gave_up.wait(SAFETY_S)
             calls.wait_past_deadline()
-        return record
+        return records
 
-    monkeypatch.setattr(daemon.audit, "append", slow_to_return)
+    monkeypatch.setattr(daemon.audit, "append_many", slow_to_return)
     stub = running.stub()
     request = delegate_request(Holder.generate())
     try:
@@ -523,12 +525,14 @@ def test_a_record_committed_after_the_deadline_keeps_its_link_for_the_retry(
     assert len(daemon.audit.records(event="delegate")) == 1
 
 
-# --- every worker busy in the HSM ----------------------------------------------------------
+# --- every call slot taken ------------------------------------------------------------------
 
 
-def test_with_every_worker_busy_in_the_hsm_new_calls_are_refused_at_once_and_served_after(
+def test_with_every_call_slot_taken_new_calls_are_refused_at_once_and_served_after(
     hsm: SoftHsm, tmp_path: Path
 ) -> None:
+    """One call held in the HSM, the others queued behind it for the issuing
+    thread: the server has as many calls as it may, and turns more away."""
     slots = 4
     env = start_daemon(hsm, tmp_path, DevCA(), workers=slots, max_concurrent_rpcs=slots)
     daemon = env.daemon
@@ -541,7 +545,10 @@ def test_with_every_worker_busy_in_the_hsm_new_calls_are_refused_at_once_and_ser
             held = [pool.submit(stub.Delegate, delegate_request(Holder.generate()),
                                 timeout=SAFETY_S) for _ in range(slots)]
             try:
-                assert turnstile.wait_for(slots), "the calls never all reached the HSM"
+                assert turnstile.wait_for(1), "no call reached the HSM"
+                assert wait_for(lambda: daemon.core is not None
+                                  and daemon.core.calls().queued == slots - 1), \
+                    "the other calls never queued"
                 for _ in range(3):
                     try:
                         stub.Delegate(delegate_request(Holder.generate()),
@@ -627,9 +634,8 @@ class FailingCommit(sqlite3.Connection):
         return super().execute(sql, *args)
 
 
-def test_an_audit_commit_that_fails_refuses_the_link_and_issuance_resumes_after(
-    hsm: SoftHsm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def audit_commits_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audit logs opened from now on write through FailingCommit (no fault yet)."""
     connect = sqlite3.connect
 
     def audit_store_connect(database: str | os.PathLike[str], *args: Any,
@@ -641,6 +647,12 @@ def test_an_audit_commit_that_fails_refuses_the_link_and_issuance_resumes_after(
 
     monkeypatch.setattr(sqlite3, "connect", audit_store_connect)
     monkeypatch.setattr(FailingCommit, "fault", None)
+
+
+def test_an_audit_commit_that_fails_refuses_the_link_and_issuance_resumes_after(
+    hsm: SoftHsm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    audit_commits_can_fail(monkeypatch)
     env = start_daemon(hsm, tmp_path, DevCA())
     daemon = env.daemon
     try:

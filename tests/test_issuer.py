@@ -15,7 +15,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,17 +189,17 @@ class BrokenAudit:
         self.down = False
         self.failed = 0
 
-    def append(self, event: str, **fields: Any) -> object:
+    def append_many(self, events: Sequence[tuple[str, Mapping[str, Any]]]) -> list[object]:
         if self.down:
             self.failed += 1
             raise Unavailable("audit store failed: disk I/O error")
-        return None
+        return [None] * len(events)
 
 
 class RecordFailsState(StateStore):
     """A state store whose write of an issued link fails (disk full)."""
 
-    def record_issued(self, link: IssuedLink) -> None:
+    def record_issued(self, *links: IssuedLink) -> None:
         raise Unavailable("state store failed: database or disk is full")
 
 

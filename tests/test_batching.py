@@ -1,0 +1,135 @@
+"""Delegate calls issued in batches (signer/_batching.py), against a real
+daemon (SoftHSM2, mutual TLS on 127.0.0.1:0): calls that queue while the
+issuing thread is busy are issued together and recorded in one commit, and
+nothing of a batch leaves before that commit succeeded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from concurrent import futures
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from helpers import wait_for
+from hsm_fixtures import SoftHsm
+from test_faults import FailingCommit, Turnstile, audit_commits_can_fail, on_link_signatures
+from test_server import ORCH, Env, delegate_request, start_daemon
+
+from signer._batching import Batcher
+from signer._devpki import DevCA
+from signer._proto.mandate.v1 import signer_pb2 as pb
+from verifier_sdk import Holder
+from verifier_sdk._encoding import sha256_b64
+
+SAFETY_S = 30.0
+
+
+@contextmanager
+def queued_behind_a_held_call(env: Env, requests: Sequence[pb.DelegateRequest]
+                              ) -> Iterator[list[futures.Future[Any]]]:
+    """Hold one call in the HSM; send ``requests`` meanwhile and wait until all
+    of them are queued for the issuing thread; on leaving, release the HSM.
+    Yields the futures of the held call and then of ``requests``."""
+    daemon = env.daemon
+    assert daemon.core is not None
+    calls = daemon.core.calls()
+    stub = env.stub()
+    turnstile = Turnstile()
+    with on_link_signatures(daemon, turnstile), futures.ThreadPoolExecutor(8) as pool:
+        pending = [pool.submit(stub.Delegate, delegate_request(Holder.generate()),
+                               timeout=SAFETY_S)]
+        try:
+            assert turnstile.wait_for(1), "the first call never reached the HSM"
+            pending += [pool.submit(stub.Delegate, r, timeout=SAFETY_S) for r in requests]
+            assert wait_for(lambda: calls.queued == len(requests), SAFETY_S), \
+                "the calls never queued"
+            yield pending
+        finally:
+            turnstile.released.set()
+            futures.wait(pending, SAFETY_S)
+
+
+def outcome(call: futures.Future[Any]) -> Any:
+    """The reply, or the status code of the error."""
+    error = call.exception()
+    if error is None:
+        return call.result()
+    assert isinstance(error, grpc.RpcError)
+    return error.code()
+
+
+@pytest.fixture
+def running(hsm: SoftHsm, tmp_path: Path) -> Iterator[Env]:
+    env = start_daemon(hsm, tmp_path, DevCA(), metrics_listen="127.0.0.1:0")
+    yield env
+    env.daemon.stop(grace=1)
+
+
+def test_one_idempotency_key_twice_in_a_batch_gets_one_link(running: Env) -> None:
+    daemon = running.daemon
+    first = delegate_request(Holder.generate())
+    again = pb.DelegateRequest()
+    again.CopyFrom(first)
+    other = delegate_request(Holder.generate(), idempotency_key=first.idempotency_key)
+    with queued_behind_a_held_call(running, [first, again, other]) as pending:
+        pass
+    _, issued, replayed, refused = (outcome(call) for call in pending)
+    assert not issued.idempotent_replay
+    assert replayed.idempotent_replay
+    assert (replayed.jti, replayed.chain) == (issued.jti, issued.chain)
+    assert refused == grpc.StatusCode.INVALID_ARGUMENT  # the key, for another request
+    (record,) = [r for r in daemon.audit.records(event="delegate") if r.jti == issued.jti]
+    assert record.link_hash == sha256_b64(issued.chain.encode("ascii"))
+    stored = daemon.state.by_idempotency_key(ORCH, first.idempotency_key)
+    assert stored is not None
+    assert stored.jti == issued.jti
+
+
+def test_a_batch_whose_audit_commit_fails_answers_every_call_unavailable_and_keeps_nothing(
+    hsm: SoftHsm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    audit_commits_can_fail(monkeypatch)
+    env = start_daemon(hsm, tmp_path, DevCA(), metrics_listen="127.0.0.1:0")
+    daemon = env.daemon
+    requests = [delegate_request(Holder.generate()) for _ in range(3)]
+    requests.append(delegate_request(Holder.generate(), sub="bot:elsewhere/x"))  # denied
+    head = daemon.audit.head
+    try:
+        with queued_behind_a_held_call(env, requests) as pending:
+            FailingCommit.fault = "disk I/O error"  # from the held call's commit on
+        FailingCommit.fault = None
+        assert [outcome(call) for call in pending] == [grpc.StatusCode.UNAVAILABLE] * 5
+        assert all("disk I/O error" in str(call.exception()) for call in pending)
+        assert daemon.audit.head == head
+        assert daemon.audit.records(event="delegate") == []
+        assert daemon.audit.records(event="deny") == []
+        assert all(daemon.state.by_idempotency_key(ORCH, r.idempotency_key) is None
+                   for r in requests)
+        metrics = daemon.metrics
+        assert metrics is not None
+        counted = metrics.registry.get_sample_value
+        assert counted("mandate_rpc_requests_total",
+                       {"method": "Delegate", "code": "UNAVAILABLE"}) == 5
+        assert counted("mandate_rpc_requests_total",
+                       {"method": "Delegate", "code": "OK"}) is None
+    finally:
+        FailingCommit.fault = None
+        daemon.stop(grace=1)
+
+
+def test_a_call_submitted_after_close_is_answered_unavailable(running: Env) -> None:
+    daemon = running.daemon
+    assert daemon.core is not None
+    calls: Batcher = daemon.core.calls()
+    calls.close()
+    answers: list[Any] = []
+    payload = delegate_request(Holder.generate()).SerializeToString()
+    calls.submit("/mandate.v1.Signer/Delegate", payload, (None, None, "ipv4:127.0.0.1:1", 1.0),
+                 answers.append)
+    ((body, status),) = answers
+    assert body is None
+    assert status is not None
+    assert status[0] == "UNAVAILABLE"
