@@ -289,12 +289,13 @@ class SignerService(pb_grpc.SignerServicer):
                             "reason": denial.reason, "duration_ms": _ms(start)})
             raise
         # Every link is in the audit log; at INFO this would be one line per call.
-        log.debug("delegate caller=%s sub=%s jti=%s replay=%s", caller, request.sub,
-                  issued.jti, issued.idempotent_replay,
-                  extra={"method": "Delegate", "code": "OK", "caller": caller,
-                         "sub": request.sub, "jti": issued.jti, "kid": issued.kid,
-                         "decision": "allow", "replay": issued.idempotent_replay,
-                         "duration_ms": _ms(start)})
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("delegate caller=%s sub=%s jti=%s replay=%s", caller, request.sub,
+                      issued.jti, issued.idempotent_replay,
+                      extra={"method": "Delegate", "code": "OK", "caller": caller,
+                             "sub": request.sub, "jti": issued.jti, "kid": issued.kid,
+                             "decision": "allow", "replay": issued.idempotent_replay,
+                             "duration_ms": _ms(start)})
         return pb.DelegateResponse(chain=issued.chain, jti=issued.jti, kid=issued.kid,
                                    expires_at=issued.expires_at,
                                    idempotent_replay=issued.idempotent_replay)

@@ -5,6 +5,7 @@ nothing of a batch leaves before that commit succeeded."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
@@ -30,8 +31,8 @@ SAFETY_S = 30.0
 @contextmanager
 def queued_behind_a_held_call(env: Env, requests: Sequence[pb.DelegateRequest]
                               ) -> Iterator[list[futures.Future[Any]]]:
-    """Hold one call in the HSM; send ``requests`` meanwhile and wait until all
-    of them are queued for the issuing thread; on leaving, release the HSM.
+    """Hold one call in the HSM; send ``requests`` meanwhile, one by one, each
+    once the one before is queued for the issuing thread; on leaving, release the HSM.
     Yields the futures of the held call and then of ``requests``."""
     daemon = env.daemon
     assert daemon.core is not None
@@ -43,13 +44,18 @@ def queued_behind_a_held_call(env: Env, requests: Sequence[pb.DelegateRequest]
                                timeout=SAFETY_S)]
         try:
             assert turnstile.wait_for(1), "the first call never reached the HSM"
-            pending += [pool.submit(stub.Delegate, r, timeout=SAFETY_S) for r in requests]
-            assert wait_for(lambda: calls.queued == len(requests), SAFETY_S), \
-                "the calls never queued"
+            for sent, request in enumerate(requests, 1):  # queued in this order
+                pending.append(pool.submit(stub.Delegate, request, timeout=SAFETY_S))
+                assert wait_for(functools.partial(queued, calls, sent), SAFETY_S), \
+                    "a call never queued"
             yield pending
         finally:
             turnstile.released.set()
             futures.wait(pending, SAFETY_S)
+
+
+def queued(calls: Batcher, count: int) -> bool:
+    return calls.queued == count
 
 
 def outcome(call: futures.Future[Any]) -> Any:
