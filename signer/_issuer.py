@@ -53,7 +53,8 @@ class Grant(Protocol):
 
 
 class Policy(Protocol):
-    def evaluate(self, caller: str, req: DelegateRequest) -> Grant: ...
+    def evaluate(self, caller: str, req: DelegateRequest,
+                 caps: Sequence[Capability] | None = None) -> Grant: ...
 
     @property
     def admins(self) -> frozenset[str]: ...
@@ -110,15 +111,15 @@ def request_digest(caller: str, req: DelegateRequest) -> str:
     }))
 
 
-def validate_request(req: DelegateRequest) -> None:
-    """The credential format's rules on what a caller may ask for (InvalidRequest)."""
+def validate_request(req: DelegateRequest) -> tuple[Capability, ...]:
+    """The credential format's rules on what a caller may ask for
+    (InvalidRequest); returns the capabilities, parsed."""
     try:
         check_principal(req.sub, "sub")
         public_key_from_jwk(dict(req.holder_jwk))
         if not 1 <= len(req.caps) <= 64:
             raise ValueError("caps: 1..64 capabilities")
-        for cap in req.caps:
-            Capability.parse(dict(cap))
+        caps = tuple(Capability.parse(dict(cap)) for cap in req.caps)
         if type(req.ttl) is not int or req.ttl < 1:
             raise ValueError("ttl must be a positive number of seconds")
         if type(req.dpt) is not int or not 0 <= req.dpt <= 15:
@@ -133,6 +134,7 @@ def validate_request(req: DelegateRequest) -> None:
             raise ValueError(f"idempotency_key: 1..{MAX_IDEMPOTENCY_KEY} characters")
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
+    return caps
 
 
 class Issuer:
@@ -241,7 +243,7 @@ class Issuer:
             check_principal(caller, "caller identity")
         except ValueError as exc:
             raise Unauthenticated(str(exc)) from None
-        validate_request(req)
+        caps = validate_request(req)
         digest = request_digest(caller, req)
         name = (caller, req.idempotency_key)
         if batch is not None and name in batch.links:
@@ -254,7 +256,7 @@ class Issuer:
             earlier = self._state.by_idempotency_key(caller, req.idempotency_key)
             if earlier is not None:
                 return _replay(earlier, digest)
-            issued = self._issue(caller, req, digest, deadline, batch)
+            issued = self._issue(caller, req, caps, digest, deadline=deadline, batch=batch)
             staged = batch is not None
             return issued
         finally:
@@ -290,11 +292,11 @@ class Issuer:
         else:
             batch.records.append((event, fields))
 
-    def _issue(self, caller: str, req: DelegateRequest, digest: str,
-               deadline: float | None, batch: Batch | None) -> Issued:
+    def _issue(self, caller: str, req: DelegateRequest, caps: Sequence[Capability],
+               digest: str, *, deadline: float | None, batch: Batch | None) -> Issued:
         now = int(self._clock())
         try:
-            grant = self.policy.evaluate(caller, req)
+            grant = self.policy.evaluate(caller, req, caps)
             # The grant's key if it names one (the policy refused any other), else
             # the key the request names, else the active key.
             record = self._signing_key(grant.key if grant.key is not None else req.key,

@@ -507,8 +507,10 @@ class Policy:
     def is_admin(self, principal: str) -> bool:
         return principal in self.admins
 
-    def evaluate(self, caller: str, req: DelegateRequest) -> Grant:
+    def evaluate(self, caller: str, req: DelegateRequest,
+                 caps: Sequence[Capability] | None = None) -> Grant:
         """The grant of ``caller`` that allows ``req``; else PolicyDenied.
+        ``caps``: the request's capabilities, if the caller has parsed them.
 
         Rules in order: a grant for the caller, valid capabilities, then per
         grant subject, capabilities, ttl, dpt, aud, use, key. With several
@@ -520,7 +522,7 @@ class Policy:
         if not grants:
             raise PolicyDenied("caller_unknown",
                                f"caller {_q(caller)} has no grant in the issuance policy")
-        caps = _requested_caps(req.caps)
+        caps = _requested_caps(req.caps) if caps is None else tuple(caps)
         furthest: tuple[Grant, _Denial] | None = None
         for grant in grants:
             denial = grant._check(req, caps)

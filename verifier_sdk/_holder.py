@@ -34,7 +34,6 @@ def _check_ttl(ttl: object) -> int:
 def _claims(*, iss: str, sub: str, holder_jwk: Mapping[str, Any], cap: Sequence[Any],
             iat: int, nbf: int, exp: int, dpt: int, aud: Sequence[str] | None,
             use: int | None, jti: str | None) -> dict[str, Any]:
-    public_key_from_jwk(dict(holder_jwk))  # a bad holder key fails here, with its reason
     claims: dict[str, Any] = {
         "v": 1, "iss": iss, "sub": sub, "iat": iat, "nbf": nbf, "exp": exp,
         "jti": jti or new_jti(), "cnf": {"jwk": dict(holder_jwk)}, "dpt": dpt,
@@ -66,6 +65,7 @@ def issue_root(*, alg: str, kid: str, sign: Callable[[bytes], bytes], iss: str, 
     ``sign`` returns the JWS-form signature for ``alg``; the daemon passes its
     HSM signer here, tests and demos a software key.
     """
+    public_key_from_jwk(dict(holder_jwk))  # a bad holder key fails here, with its reason
     return _checked(root_token(alg=alg, kid=kid, sign=sign, iss=iss, sub=sub,
                                holder_jwk=holder_jwk, cap=cap, ttl=ttl, dpt=dpt, aud=aud,
                                use=use, now=now, jti=jti), 0)
@@ -76,7 +76,8 @@ def root_token(*, alg: str, kid: str, sign: Callable[[bytes], bytes], iss: str, 
                dpt: int = 0, aud: Sequence[str] | None = None, use: int | None = None,
                now: float | None = None, jti: str | None = None) -> str:
     """``issue_root`` without decoding the link it made: for an issuer that has
-    checked every claim itself and checks the link's size (the daemon)."""
+    checked every claim itself, the holder key included, and checks the link's
+    size (the daemon)."""
     iat = _now(now)
     claims = _claims(iss=iss, sub=sub, holder_jwk=holder_jwk, cap=cap, iat=iat, nbf=iat,
                      exp=iat + _check_ttl(ttl), dpt=dpt, aud=aud, use=use, jti=jti)
@@ -148,6 +149,7 @@ class Holder:
             )
         nbf = max(t, parent.nbf)
         exp = min(t + _check_ttl(ttl), parent.exp)
+        public_key_from_jwk(dict(holder_jwk))  # a bad holder key fails here, with its reason
         claims = _claims(iss=parent.sub, sub=sub, holder_jwk=holder_jwk, cap=cap, iat=t,
                          nbf=nbf, exp=exp, dpt=dpt, aud=aud, use=use, jti=None)
         claims["prv"] = parent.hash
