@@ -47,8 +47,6 @@ log = logging.getLogger("mandate.signer")
 START_TIMEOUT_S = 120.0  # logging in to a network HSM can be slow
 STOP_TIMEOUT_S = 30.0
 
-
-
 _ENTRY = "import sys; from signer._worker import main; sys.exit(main(sys.argv))"
 
 
