@@ -6,6 +6,7 @@ nothing of a batch leaves before that commit succeeded."""
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
@@ -19,8 +20,9 @@ from hsm_fixtures import SoftHsm
 from test_faults import FailingCommit, Turnstile, audit_commits_can_fail, on_link_signatures
 from test_server import ORCH, Env, delegate_request, start_daemon
 
-from signer._batching import Batcher
+from signer._batching import ANSWER_GRACE_S, Batcher
 from signer._devpki import DevCA
+from signer._issuer import Batch
 from signer._proto.mandate.v1 import signer_pb2 as pb
 from verifier_sdk import Holder
 from verifier_sdk._encoding import sha256_b64
@@ -139,3 +141,59 @@ def test_a_call_submitted_after_close_is_answered_unavailable(running: Env) -> N
     assert body is None
     assert status is not None
     assert status[0] == "UNAVAILABLE"
+
+
+def test_a_call_whose_batch_outlasts_its_time_is_answered_deadline_exceeded(
+    running: Env,
+) -> None:
+    """A caller in this process waits for its batch no longer than its time
+    and the grace: a stalled HSM does not hold it for good."""
+    daemon = running.daemon
+    assert daemon.core is not None
+    calls = daemon.core.calls()
+    turnstile = Turnstile()
+    values = (running.ca.issue(uri=ORCH).cert, b"ssl", "ipv4:127.0.0.1:1", 0.2)
+    payload = delegate_request(Holder.generate()).SerializeToString()
+    with on_link_signatures(daemon, turnstile):
+        try:
+            started = time.monotonic()
+            body, status = calls.call("/mandate.v1.Signer/Delegate", payload, values)
+            waited = time.monotonic() - started
+        finally:
+            turnstile.released.set()
+    assert body is None
+    assert status is not None
+    assert status[0] == "DEADLINE_EXCEEDED"
+    assert 0.2 + ANSWER_GRACE_S <= waited < 0.2 + ANSWER_GRACE_S + SAFETY_S
+    # The stalled call ran out of time before its record: nothing was issued.
+    # (A call after it is answered once the stalled one's batch is done.)
+    values = (values[0], values[1], values[2], 5.0)
+    after = delegate_request(Holder.generate()).SerializeToString()
+    body, status = calls.call("/mandate.v1.Signer/Delegate", after, values)
+    assert status is None
+    (record,) = daemon.audit.records(event="delegate")
+    assert body is not None
+    assert record.jti == pb.DelegateResponse.FromString(body).jti
+
+
+def test_a_bug_while_recording_a_batch_answers_internal_and_hands_out_nothing(
+    running: Env,
+) -> None:
+    daemon = running.daemon
+    assert daemon.core is not None
+    core = daemon.core
+
+    def commit_then_fail(batch: Batch) -> None:
+        core.issuer.commit(batch)
+        raise RuntimeError("a bug after the commit")
+
+    calls = Batcher(core.dispatcher(), commit_then_fail, time_limit_s=5.0)
+    try:
+        values = (running.ca.issue(uri=ORCH).cert, b"ssl", "ipv4:127.0.0.1:1", 5.0)
+        payload = delegate_request(Holder.generate()).SerializeToString()
+        body, status = calls.call("/mandate.v1.Signer/Delegate", payload, values)
+    finally:
+        calls.close()
+    assert body is None
+    assert status == ("INTERNAL", "internal error", ())
+    assert len(daemon.audit.records(event="delegate")) == 1  # recorded, not handed out
