@@ -151,11 +151,15 @@ class Batcher:
             log.exception("Delegate: recording a batch of %d calls failed", len(calls))
             outcomes = [_INTERNAL] * len(calls)
         for (_, _, context, reply), outcome in zip(calls, outcomes, strict=True):
+            # Neither a metric nor one caller's answer may cost another caller theirs.
             if context.on_end is not None:
                 status = outcome[1]
-                context.on_end(grpc.StatusCode.OK if status is None
-                               else grpc.StatusCode[status[0]])
+                try:
+                    context.on_end(grpc.StatusCode.OK if status is None
+                                   else grpc.StatusCode[status[0]])
+                except Exception:
+                    log.exception("counting a Delegate call failed")
             try:
                 reply(outcome)
-            except Exception:  # one caller's reply must not cost the others theirs
+            except Exception:
                 log.exception("answering a Delegate call failed")

@@ -197,3 +197,35 @@ def test_a_bug_while_recording_a_batch_answers_internal_and_hands_out_nothing(
     assert body is None
     assert status == ("INTERNAL", "internal error", ())
     assert len(daemon.audit.records(event="delegate")) == 1  # recorded, not handed out
+
+
+def test_one_callers_failing_answer_costs_no_other_caller_theirs(running: Env) -> None:
+    daemon = running.daemon
+    assert daemon.core is not None
+    calls = daemon.core.calls()
+    values = (running.ca.issue(uri=ORCH).cert, b"ssl", "ipv4:127.0.0.1:1", SAFETY_S)
+    method = "/mandate.v1.Signer/Delegate"
+    answers: list[Any] = []
+
+    def gone(outcome: Any) -> None:
+        raise OSError("the caller's connection is gone")
+
+    turnstile = Turnstile()
+    with on_link_signatures(daemon, turnstile), futures.ThreadPoolExecutor(1) as pool:
+        held = pool.submit(calls.call, method,
+                           delegate_request(Holder.generate()).SerializeToString(), values)
+        try:
+            assert turnstile.wait_for(1)
+            calls.submit(method, delegate_request(Holder.generate()).SerializeToString(),
+                         values, gone)
+            calls.submit(method, delegate_request(Holder.generate()).SerializeToString(),
+                         values, answers.append)
+            assert wait_for(functools.partial(queued, calls, 2))
+        finally:
+            turnstile.released.set()
+        assert held.result(SAFETY_S)[1] is None
+    assert wait_for(lambda: len(answers) == 1)
+    ((body, status),) = answers
+    assert status is None
+    assert body is not None
+    assert len(daemon.audit.records(event="delegate")) == 3
