@@ -240,8 +240,8 @@ def _check_detail(detail: Mapping[str, Any]) -> dict[str, str | int]:
     return checked
 
 
-_ENTRY_TEXTS: Final = ("caller", "decision", "reason", "request_digest", "jti", "link_hash",
-                        "kid", "sub")
+_ENTRY_TEXTS: Final = _TEXT_FIELDS[1:]  # an entry's event is given apart
+_REQUIRED_TEXTS: Final = frozenset({"caller", "decision"})
 
 
 def _entry(event: str, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -253,8 +253,7 @@ def _entry(event: str, fields: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown audit fields {sorted(unknown)}")
     entry: dict[str, Any] = {"event": event}
     for name in _ENTRY_TEXTS:
-        entry[name] = _check_text(fields.get(name, ""), name,
-                                  required=name in ("caller", "decision"))
+        entry[name] = _check_text(fields.get(name, ""), name, required=name in _REQUIRED_TEXTS)
     entry["detail"] = _check_detail(fields.get("detail") or {})
     return entry
 
@@ -266,7 +265,7 @@ def _body_from_row(row: tuple[Any, ...]) -> dict[str, Any]:
         raise ValueError("seq or time is not an integer")
     fields = dict(zip(_TEXT_FIELDS, texts, strict=False))
     for name, value in fields.items():
-        _check_text(value, name, required=name in ("caller", "decision"))
+        _check_text(value, name, required=name in _REQUIRED_TEXTS)
     if fields["event"] not in EVENTS:
         raise ValueError(f"unknown event {fields['event']!r}")
     detail_text, prev = row[len(_COLUMNS) - 3], row[len(_COLUMNS) - 2]
