@@ -28,7 +28,7 @@ import grpc
 from ._errors import SignerError, Unavailable
 from ._issuer import Batch
 from ._service import CallContext, CallValues, Dispatcher, Outcome, failed
-from ._sync import OneShot
+from ._sync import Answer
 
 log = logging.getLogger("mandate.signer")
 
@@ -45,18 +45,6 @@ ANSWER_GRACE_S = 2.0
 _INTERNAL: Outcome = (None, ("INTERNAL", "internal error", ()))
 
 Reply = Callable[[Outcome], None]
-
-
-class _Answer:
-    __slots__ = ("done", "outcome")
-
-    def __init__(self) -> None:
-        self.done = OneShot()
-        self.outcome: Outcome = _INTERNAL
-
-    def __call__(self, outcome: Outcome) -> None:
-        self.outcome = outcome
-        self.done.set()
 
 
 class Batcher:
@@ -105,13 +93,13 @@ class Batcher:
         """Run one call and return its outcome (a batched one waits for its batch)."""
         if method not in BATCHED:
             return self._dispatcher.call(method, payload, values)
-        answer = _Answer()
+        answer: Answer[Outcome] = Answer(_INTERNAL)
         self.submit(method, payload, values, answer)
         remaining = values[3]
         limit = self._time_limit_s if remaining is None else min(self._time_limit_s, remaining)
-        if not answer.done.wait(limit + ANSWER_GRACE_S):
+        if not answer.wait(limit + ANSWER_GRACE_S):
             return None, ("DEADLINE_EXCEEDED", "the issuer did not answer in time", ())
-        return answer.outcome
+        return answer.value
 
     def close(self) -> None:
         """Answer every queued call, then stop. Idempotent."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 
 class OneShot:
@@ -26,3 +29,23 @@ class OneShot:
     def wait(self, timeout: float) -> bool:
         """True once set; False if ``timeout`` seconds pass first."""
         return self._lock.acquire(timeout=timeout)
+
+
+class Answer(Generic[T]):
+    """A value handed once from one thread to another that waits for it:
+    ``set`` it (a callable, so it serves as a reply callback), ``wait``,
+    read ``value`` (``default`` until set)."""
+
+    __slots__ = ("_done", "value")
+
+    def __init__(self, default: T) -> None:
+        self._done = OneShot()
+        self.value = default
+
+    def __call__(self, value: T) -> None:
+        self.value = value
+        self._done.set()
+
+    def wait(self, timeout: float) -> bool:
+        """True once set; False if ``timeout`` seconds pass first."""
+        return self._done.wait(timeout)

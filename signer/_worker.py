@@ -40,7 +40,7 @@ from ._batching import ANSWER_GRACE_S
 from ._config import Config
 from ._errors import ConfigError, SignerError, Unavailable
 from ._service import CallValues, Outcome
-from ._sync import OneShot
+from ._sync import Answer
 
 log = logging.getLogger("mandate.signer")
 
@@ -61,14 +61,6 @@ def _recv(conn: Connection) -> Any:
     return pickle.loads(conn.recv_bytes())  # noqa: S301 - our own issuer or front end
 
 
-class _Waiter:
-    __slots__ = ("done", "result")
-
-    def __init__(self) -> None:
-        self.done = OneShot()
-        self.result: Any = None
-
-
 class IssuerProcess:
     """The front end's handle on its issuer process."""
 
@@ -77,7 +69,8 @@ class IssuerProcess:
         self._config = config
         self._on_health_change = on_health_change
         self._on_lost = on_lost
-        self._pending: dict[int, _Waiter] = {}
+        # Each call's answer: the reply's fields, or None once the issuer is gone.
+        self._pending: dict[int, Answer[tuple[Any, ...] | None]] = {}
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._closing = False
@@ -145,7 +138,7 @@ class IssuerProcess:
         return answer[0]
 
     def _ask(self, kind: str, *args: object, wait: float) -> tuple[Any, ...] | None:
-        waiter = _Waiter()
+        waiter: Answer[tuple[Any, ...] | None] = Answer(None)
         try:
             with self._send_lock:
                 request_id = next(self._ids)
@@ -154,13 +147,12 @@ class IssuerProcess:
         except (OSError, ValueError):
             self._pending.pop(request_id, None)
             raise Unavailable("the issuer process is gone") from None
-        if not waiter.done.wait(wait):
+        if not waiter.wait(wait):
             self._pending.pop(request_id, None)
             return None
-        if waiter.result is None:
+        if waiter.value is None:
             raise Unavailable("the issuer process is gone")
-        result: tuple[Any, ...] = waiter.result
-        return result
+        return waiter.value
 
     def _receive(self) -> None:
         try:
@@ -172,12 +164,11 @@ class IssuerProcess:
                     continue
                 waiter = self._pending.pop(message[1], None)
                 if waiter is not None:  # else the caller gave up waiting
-                    waiter.result = message[2:]
-                    waiter.done.set()
+                    waiter(message[2:])
         except (EOFError, OSError):
             pass
         for waiter in list(self._pending.values()):  # each raises Unavailable
-            waiter.done.set()
+            waiter(None)
         self._pending.clear()
         if not self._closing:
             self._on_lost()
