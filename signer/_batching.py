@@ -27,7 +27,7 @@ import grpc
 
 from ._errors import SignerError, Unavailable
 from ._issuer import Batch
-from ._service import CallContext, CallValues, Dispatcher, Outcome, failed
+from ._service import INTERNAL, CallContext, CallValues, Dispatcher, Outcome, failed
 from ._sync import Answer
 
 log = logging.getLogger("mandate.signer")
@@ -41,8 +41,6 @@ MAX_CALLS = 4
 # How much longer than its deadline a caller waits for its answer: the
 # servicer enforces the deadline itself; this only bounds a stuck one.
 ANSWER_GRACE_S = 2.0
-
-_INTERNAL: Outcome = (None, ("INTERNAL", "internal error", ()))
 
 Reply = Callable[[Outcome], None]
 
@@ -93,7 +91,7 @@ class Batcher:
         """Run one call and return its outcome (a batched one waits for its batch)."""
         if method not in BATCHED:
             return self._dispatcher.call(method, payload, values)
-        answer: Answer[Outcome] = Answer(_INTERNAL)
+        answer: Answer[Outcome] = Answer(INTERNAL)
         self.submit(method, payload, values, answer)
         remaining = values[3]
         limit = self._time_limit_s if remaining is None else min(self._time_limit_s, remaining)
@@ -123,11 +121,7 @@ class Batcher:
         outcomes: list[Outcome] = []
         for method, payload, context, _ in calls:
             context.batch = batch
-            try:
-                outcomes.append(self._dispatcher.call_with(method, payload, context))
-            except Exception:  # the servicers map their own errors: this is a bug
-                log.exception("%s: unexpected error", method)
-                outcomes.append(_INTERNAL)
+            outcomes.append(self._dispatcher.call_with(method, payload, context))
         try:
             self._commit(batch)
         except SignerError as exc:
@@ -137,7 +131,7 @@ class Batcher:
             outcomes = [failed(exc)] * len(calls)
         except Exception:  # a bug: nothing of the batch may leave
             log.exception("Delegate: recording a batch of %d calls failed", len(calls))
-            outcomes = [_INTERNAL] * len(calls)
+            outcomes = [INTERNAL] * len(calls)
         for (_, _, context, reply), outcome in zip(calls, outcomes, strict=True):
             # Neither a metric nor one caller's answer may cost another caller theirs.
             if context.on_end is not None:

@@ -444,6 +444,8 @@ CallValues = tuple[bytes | None, bytes | None, str, float | None]
 Status = tuple[str, str, tuple[tuple[str, str | bytes], ...]]
 #: A finished call: (response bytes, None) or (None, its status).
 Outcome = tuple[bytes | None, Status | None]
+#: How a call ends that failed in a way no servicer mapped (a bug): nothing more is said.
+INTERNAL: Outcome = (None, ("INTERNAL", "internal error", ()))
 
 
 class Dispatcher:
@@ -478,6 +480,9 @@ class Dispatcher:
             return handler(request, context).SerializeToString(), None
         except Aborted as aborted:
             return None, (aborted.code.name, aborted.details, aborted.trailing)
+        except Exception:  # the servicers map their own errors: this is a bug
+            log.exception("%s: unexpected error", method)
+            return INTERNAL
 
 
 def failed(error: SignerError) -> Outcome:

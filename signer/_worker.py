@@ -214,16 +214,12 @@ def _serve(conn: Connection) -> int:
 
     workers = futures.ThreadPoolExecutor(config.server.workers, thread_name_prefix="issue")
 
-    def run(request_id: int, method: str, payload: bytes, values: CallValues) -> None:
-        try:
-            body, status = calls.call(method, payload, values)
-        except Exception:  # the servicers map their own errors: this is a bug
-            log.exception("%s: unexpected error", method)
-            body, status = None, ("INTERNAL", "internal error", ())
-        send(("reply", request_id, body, status))
-
     def replier(request_id: int) -> Callable[[Outcome], None]:
         return lambda outcome: send(("reply", request_id, *outcome))
+
+    def run(reply: Callable[[Outcome], None], method: str, payload: bytes,
+            values: CallValues) -> None:
+        reply(calls.call(method, payload, values))
 
     served = False
     try:
@@ -239,7 +235,7 @@ def _serve(conn: Connection) -> int:
                 if calls.batched(method):  # Delegate: straight to its batch
                     calls.submit(method, payload, values, replier(request_id))
                 else:
-                    workers.submit(run, request_id, method, payload, values)
+                    workers.submit(run, replier(request_id), method, payload, values)
             elif kind == "started":
                 served = True
                 core.started(message[2])
