@@ -27,7 +27,15 @@ import grpc
 
 from ._errors import SignerError, Unavailable
 from ._issuer import Batch
-from ._service import INTERNAL, CallContext, CallValues, Dispatcher, Outcome, failed
+from ._service import (
+    INTERNAL,
+    CallContext,
+    CallValues,
+    Dispatcher,
+    Outcome,
+    failed,
+    time_budget,
+)
 from ._sync import Answer
 
 log = logging.getLogger("mandate.signer")
@@ -41,6 +49,13 @@ MAX_CALLS = 4
 # How much longer than its deadline a caller waits for its answer: the
 # servicer enforces the deadline itself; this only bounds a stuck one.
 ANSWER_GRACE_S = 2.0
+#: What a caller that waited that long and got no answer returns.
+NOT_ANSWERED: Outcome = (None, ("DEADLINE_EXCEEDED", "the issuer did not answer in time", ()))
+
+
+def answer_wait_s(values: CallValues, cap_s: float) -> float:
+    """How long a caller waits for the answer to a call with ``values``."""
+    return time_budget(values[3], cap_s) + ANSWER_GRACE_S
 
 Reply = Callable[[Outcome], None]
 
@@ -93,10 +108,8 @@ class Batcher:
             return self._dispatcher.call(method, payload, values)
         answer: Answer[Outcome] = Answer(INTERNAL)
         self.submit(method, payload, values, answer)
-        remaining = values[3]
-        limit = self._time_limit_s if remaining is None else min(self._time_limit_s, remaining)
-        if not answer.wait(limit + ANSWER_GRACE_S):
-            return None, ("DEADLINE_EXCEEDED", "the issuer did not answer in time", ())
+        if not answer.wait(answer_wait_s(values, self._time_limit_s)):
+            return NOT_ANSWERED
         return answer.value
 
     def close(self) -> None:

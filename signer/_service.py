@@ -258,11 +258,15 @@ def _list_to_proto(published: PublishedList) -> pb.RevocationList:
 
 # --- servicers -------------------------------------------------------------------
 
+def time_budget(remaining: float | None, cap_s: float) -> float:
+    """Seconds a call may still take: the client's time left, or the server's
+    cap if sooner."""
+    return cap_s if remaining is None else min(cap_s, remaining)
+
+
 def call_deadline(context: Context, cap_s: float) -> float:
     """time.monotonic() deadline: the client's, or the server's cap if sooner."""
-    remaining = context.time_remaining()
-    budget = cap_s if remaining is None else min(cap_s, remaining)
-    return time.monotonic() + budget
+    return time.monotonic() + time_budget(context.time_remaining(), cap_s)
 
 
 class SignerService(pb_grpc.SignerServicer):

@@ -36,7 +36,7 @@ from concurrent import futures
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ._batching import ANSWER_GRACE_S
+from ._batching import NOT_ANSWERED, answer_wait_s
 from ._config import Config
 from ._errors import ConfigError, SignerError, Unavailable
 from ._service import CallValues, Outcome
@@ -103,12 +103,10 @@ class IssuerProcess:
 
     def call(self, method: str, payload: bytes, values: CallValues) -> Outcome:
         """Hand one call over and wait for its answer (the deadline bounds the wait)."""
-        remaining = values[3]
-        limit = self._config.server.rpc_time_limit_s
-        wait = (limit if remaining is None else min(limit, remaining)) + ANSWER_GRACE_S
+        wait = answer_wait_s(values, self._config.server.rpc_time_limit_s)
         answer = self._ask("call", method, payload, values, wait=wait)
         if answer is None:
-            return None, ("DEADLINE_EXCEEDED", "the issuer did not answer in time", ())
+            return NOT_ANSWERED
         return answer[0], answer[1]
 
     def started(self, port: int) -> bool:
