@@ -45,6 +45,7 @@ from signer._config import Config, HsmConfig, ServerConfig
 from signer._devpki import DevCA
 from signer._errors import ConfigError, TimedOut, Unavailable
 from signer._pkcs11 import Pkcs11Token
+from signer._proto.mandate.v1 import signer_pb2 as pb
 from signer._proto.mandate.v1 import signer_pb2_grpc as pb_grpc
 from signer._server import HEALTH_PROBE_INTERVAL_S, Daemon
 from verifier_sdk import Holder, TrustBundle
@@ -542,10 +543,16 @@ def test_with_every_call_slot_taken_new_calls_are_refused_at_once_and_served_aft
     refused: list[grpc.RpcError] = []
     try:
         with on_link_signatures(daemon, turnstile), futures.ThreadPoolExecutor(slots) as pool:
-            held = [pool.submit(stub.Delegate, delegate_request(Holder.generate()),
-                                timeout=SAFETY_S) for _ in range(slots)]
+            def send() -> futures.Future[pb.DelegateResponse]:
+                return pool.submit(stub.Delegate, delegate_request(Holder.generate()),
+                                   timeout=SAFETY_S)
+
+            held = [send()]
             try:
+                # The first call alone in its batch, held in the HSM; the others
+                # queue behind it (sent together, they could share its batch).
                 assert turnstile.wait_for(1), "no call reached the HSM"
+                held += [send() for _ in range(slots - 1)]
                 assert wait_for(lambda: daemon.core is not None
                                   and daemon.core.calls().queued == slots - 1), \
                     "the other calls never queued"
