@@ -64,6 +64,7 @@ from verifier_sdk._link import check_header, encode_jws, split_jws
 
 from ._errors import ConfigError, Unavailable
 from ._keys import KeySigner
+from ._sqlite import WalCheckpointer, use_backstop
 from ._sync import OneShot
 
 __all__ = [
@@ -401,6 +402,7 @@ def _open_writer(path: str | os.PathLike[str]) -> sqlite3.Connection:
         if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
             raise ConfigError(f"audit log {os.fspath(path)!r} cannot use WAL mode")
         conn.execute("PRAGMA synchronous=FULL")
+        use_backstop(conn)
         conn.execute("BEGIN IMMEDIATE")
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if not tables:
@@ -442,6 +444,7 @@ class _SqliteJournal:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.conn = _open_writer(path)
         self._path = path
+        self._checkpointer = WalCheckpointer(path)
 
     def head(self) -> tuple[int, str]:
         return _load_head(self.conn)
@@ -480,6 +483,7 @@ class _SqliteJournal:
             raise
 
     def close(self) -> None:
+        self._checkpointer.close()  # first: the last connection to close removes the log
         self.conn.close()
 
 

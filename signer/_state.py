@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ._errors import ConfigError, Unavailable
+from ._sqlite import WalCheckpointer, use_backstop
 
 SCHEMA_VERSION = 1
 
@@ -129,6 +130,7 @@ class _SqliteDriver:
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            use_backstop(self._db)
             self._db.executescript(_SCHEMA)
             row = self._db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
             if row is None:
@@ -150,6 +152,7 @@ class _SqliteDriver:
         # One process owns an SQLite state: a lock among its threads is enough.
         self._named: dict[str, list[Any]] = {}
         self._named_guard = threading.Lock()
+        self._checkpointer = WalCheckpointer(path)
 
     @contextmanager
     def transaction(self, *, durable: bool) -> Iterator[Transaction]:
@@ -200,6 +203,7 @@ class _SqliteDriver:
                     del self._named[name]
 
     def close(self) -> None:
+        self._checkpointer.close()  # first: the last connection to close removes the log
         with self._lock:
             self._closed = True
             self._db.close()
