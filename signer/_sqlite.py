@@ -1,4 +1,6 @@
 """SQLite WAL checkpoints on a thread of their own, off every commit's path.
+(SQLite's checkpoints, which fold the log into the database file; not the
+audit log's signed checkpoints.)
 
 In WAL mode a commit appends pages to the write-ahead log; a checkpoint later
 copies them into the database file and syncs it. By default the connection
