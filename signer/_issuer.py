@@ -392,9 +392,11 @@ class Issuer:
         now = int(self._clock())
         with self._list_lock, self._state.lock("revocation-list"):
             record = self.active_key(now)
-            listed = self._live_revocations(now)
+            # The list to sign: what is listed now and these. Read once, checked
+            # against the size limit, signed as checked.
+            revoked = {*self._live_revocations(now), *(j for j, _ in entries)}
             size = revocation_list_bytes(alg=record.alg, kid=record.kid, iss=self._list_issuer,
-                                         revoked={*listed, *(j for j, _ in entries)})
+                                         revoked=revoked)
             if size > MAX_REVOCATION_LIST_BYTES:
                 raise LimitReached(
                     f"the revocation list would grow to {size} bytes, over the "
@@ -407,7 +409,7 @@ class Issuer:
                 for jti, _ in entries
             ])
             self._state.revoke(entries, by=caller, reason=reason[:200], now=now)
-            return self._sign_list(now, record)
+            return self._sign_list(now, record, revoked)
 
     def revocation_list(self) -> PublishedList:
         """The current list, re-signed with a higher seq once half its life is
@@ -422,7 +424,7 @@ class Issuer:
             stored = self._state.revocation_list()
             if stored is not None and _fresh(stored, record, now):
                 return PublishedList(stored.token, stored.seq, stored.exp)
-            return self._sign_list(now, record)
+            return self._sign_list(now, record, self._live_revocations(now))
 
     def prune(self) -> tuple[int, int]:
         """Forget issued links and revocations whose links ended more than
@@ -432,8 +434,8 @@ class Issuer:
     def _live_revocations(self, now: int) -> list[str]:
         return self._state.revoked_jtis(live_after=now - REVOCATION_MARGIN_S)
 
-    def _sign_list(self, now: int, record: KeyRecord) -> PublishedList:
-        """Sign and store the next list; the caller holds the list locks."""
+    def _sign_list(self, now: int, record: KeyRecord, revoked: Iterable[str]) -> PublishedList:
+        """Sign and store the next list of ``revoked``; the caller holds the list locks."""
         stored = self._state.revocation_list()
         seq = 0 if stored is None else stored.seq + 1
         signer = self._keys.signer(record.kid)
@@ -442,7 +444,7 @@ class Issuer:
             exp = min(exp, record.exp)  # a list's exp must be within its key's window
         token = make_revocation_list(
             alg=signer.alg, kid=record.kid, sign=signer.sign, iss=self._list_issuer,
-            seq=seq, iat=now, exp=exp, revoked=self._live_revocations(now),
+            seq=seq, iat=now, exp=exp, revoked=revoked,
         )
         self._state.save_revocation_list(StoredList(seq, token, now, exp))
         return PublishedList(token, seq, exp)
