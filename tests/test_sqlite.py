@@ -56,12 +56,12 @@ def rows_in_main_file(db: Path, scratch: Path) -> int:
 
 def test_commits_leave_checkpoints_to_the_thread(writer: sqlite3.Connection,
                                                   tmp_path: Path) -> None:
-    # Without the backstop, SQLite's default (1,000 pages) would have had some
-    # COMMIT copy most of these 2,000 pages into the file.
+    # Without the backstop (2,000 pages), SQLite's default (1,000) would have
+    # had some COMMIT copy most of these 1,500 pages into the file.
     use_backstop(writer)
     idle = WalCheckpointer(tmp_path / "t.db", interval_s=3600)
     try:
-        write_rows(writer, 2000)
+        write_rows(writer, 1500)
         assert rows_in_main_file(tmp_path / "t.db", tmp_path) == 0
     finally:
         idle.close()
