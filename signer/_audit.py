@@ -444,7 +444,11 @@ class _SqliteJournal:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.conn = _open_writer(path)
         self._path = path
-        self._checkpointer = WalCheckpointer(path)
+        try:
+            self._checkpointer = WalCheckpointer(path)
+        except sqlite3.Error as exc:
+            self.conn.close()
+            raise Unavailable(f"cannot open audit log {os.fspath(path)!r}: {exc}") from None
 
     def head(self) -> tuple[int, str]:
         return _load_head(self.conn)

@@ -44,7 +44,7 @@ def use_backstop(conn: sqlite3.Connection) -> None:
 
 class WalCheckpointer:
     """Checkpoints the WAL-mode database at ``path`` every ``interval_s``
-    until ``close``."""
+    until ``close``. sqlite3.Error if it cannot open the database."""
 
     def __init__(self, path: str | os.PathLike[str], *, interval_s: float = INTERVAL_S) -> None:
         self._path = os.fspath(path)
@@ -54,7 +54,6 @@ class WalCheckpointer:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._stop = threading.Event()
         self._failing = False
-        self.checkpoints = 0  # completed runs, for tests and curiosity
         self._thread = threading.Thread(target=self._run, name="wal-checkpoint", daemon=True)
         self._thread.start()
 
@@ -72,7 +71,6 @@ class WalCheckpointer:
             if self._failing:
                 log.info("checkpointing %s works again", self._path)
             self._failing = False
-            self.checkpoints += 1
 
     def close(self) -> None:
         """Stop the thread and close its connection. Idempotent."""

@@ -141,6 +141,7 @@ class _SqliteDriver:
                 raise ConfigError(
                     f"state store {path}: schema version {row[0]}, expected {SCHEMA_VERSION}"
                 )
+            self._checkpointer = WalCheckpointer(path)
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open the state store {path}: {exc}") from None
         self._path = str(path)
@@ -152,7 +153,6 @@ class _SqliteDriver:
         # One process owns an SQLite state: a lock among its threads is enough.
         self._named: dict[str, list[Any]] = {}
         self._named_guard = threading.Lock()
-        self._checkpointer = WalCheckpointer(path)
 
     @contextmanager
     def transaction(self, *, durable: bool) -> Iterator[Transaction]:
