@@ -97,9 +97,6 @@ class Batch:
         self.links: dict[tuple[str, str], IssuedLink] = {}  # by (caller, idempotency key)
         self.held: list[tuple[str, str]] = []  # idempotency keys locked until the commit
 
-    def __len__(self) -> int:
-        return len(self.records)
-
 
 def request_digest(caller: str, req: DelegateRequest) -> str:
     """H(canonical request): what the audit log and idempotency compare."""
